@@ -1,0 +1,150 @@
+"""mirrorgate.yaml loading: every problem reported at once, with its key path."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from webhook.config import ConfigError, load_config, parse_config
+from webhook.images import parse_reference
+
+EXAMPLE = textwrap.dedent(
+    """\
+    mirrors:
+      - upstream: docker.io
+        mirror: 127.0.0.1:31000
+      - upstream: ghcr.io
+        mirror: registry.example.org/ghcr
+    skip: ["registry.example.org/*"]
+    pullSecret: {name: mirrorgate-pull}
+    namespaces:
+      mode: optIn
+      exclude: [kube-system]
+    """
+)
+
+
+def test_the_documented_example_loads():
+    cfg = parse_config(EXAMPLE)
+    assert [(m.upstream, m.mirror) for m in cfg.mirrors] == [
+        ("docker.io", "127.0.0.1:31000"),
+        ("ghcr.io", "registry.example.org/ghcr"),
+    ]
+    assert cfg.skip == ("registry.example.org/*",)
+    assert cfg.pull_secret is not None and cfg.pull_secret.name == "mirrorgate-pull"
+    assert cfg.namespaces.mode == "optIn"
+    assert cfg.namespaces.exclude == ("kube-system",)
+
+
+def test_an_empty_file_is_a_valid_config_that_rewrites_nothing():
+    cfg = parse_config("")
+    assert cfg.mirrors == () and cfg.pull_secret is None
+    assert cfg.namespaces.mode == "optIn"
+
+
+def test_kube_system_is_excluded_even_when_the_config_omits_it():
+    cfg = parse_config("namespaces: {mode: clusterWide, exclude: [team-infra]}")
+    assert cfg.namespaces.exclude == ("kube-system", "team-infra")
+    assert cfg.namespaces.excluded("kube-system", own_namespace="mirrorgate")
+    assert cfg.namespaces.excluded("mirrorgate", own_namespace="mirrorgate")
+    assert not cfg.namespaces.excluded("default", own_namespace="mirrorgate")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("mirrorz: []", "mirrorz: unknown key", id="an unknown top-level key is named"),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: 'https://reg.example.org'}]",
+            "mirrors[0].mirror: 'https://reg.example.org'",
+            id="a mirror with a scheme is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: reg.example.org}, {upstream: ghcr.io, mirror: 'Bad Host'}]",
+            "mirrors[1].mirror:",
+            id="the index of the bad mirror is named",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: 'http://docker.io', mirror: x.io}]",
+            "mirrors[0].upstream:",
+            id="an upstream with a scheme is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io}]", "mirrors[0].mirror: required",
+            id="a mirror entry without a mirror is named",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: a.io, extra: 1}]",
+            "mirrors[0].extra: unknown key",
+            id="an unknown key inside a mirror entry is named",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: a.io}, {upstream: docker.io, mirror: b.io}]",
+            "mirrors[1].upstream: 'docker.io' is already mapped by mirrors[0]",
+            id="a duplicate upstream is rejected",
+        ),
+        pytest.param("skip: ['reg.io/[abc']", "skip[0]:", id="an unclosed bracket in a glob is rejected"),
+        pytest.param("skip: 'reg.io/*'", "skip: must be a list", id="skip as a string is rejected"),
+        pytest.param(
+            "pullSecret: {name: Bad_Name}", "pullSecret.name: 'Bad_Name' is not a valid Secret name",
+            id="an invalid secret name is rejected",
+        ),
+        pytest.param(
+            "namespaces: {mode: everywhere}", "namespaces.mode: 'everywhere' is not one of optIn, clusterWide",
+            id="an unknown namespace mode lists the allowed values",
+        ),
+        pytest.param(
+            "namespaces: {exclude: [Kube_System]}", "namespaces.exclude[0]:",
+            id="an invalid namespace name in exclude is rejected",
+        ),
+        pytest.param("mirrors: [a: b", "not valid YAML at line", id="broken YAML says where"),
+        pytest.param("- a\n- b", "must be a mapping", id="a top-level list is rejected"),
+    ],
+)
+def test_bad_configs_name_the_key_path(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert expected in str(info.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            "mirrors: [{upstream: docker.io, mirror: 'a b'}]\n"
+            "skip: ['[x']\n"
+            "namespaces: {mode: nope}\n"
+            "bogus: 1\n"
+        )
+    assert len(info.value.problems) == 4
+    joined = "\n".join(info.value.problems)
+    for path in ("mirrors[0].mirror", "skip[0]", "namespaces.mode", "bogus"):
+        assert path in joined
+
+
+def test_a_missing_file_is_reported_with_its_path(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value) and "cannot read" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("image", "expected_upstream"),
+    [
+        pytest.param("nginx", "docker.io", id="a docker hub short name matches docker.io"),
+        pytest.param("ghcr.io/org/team/app:1", "ghcr.io/org/team", id="the longest upstream prefix wins"),
+        pytest.param("ghcr.io/org/other", "ghcr.io", id="a domain upstream covers other paths"),
+        pytest.param("ghcr.io/organisation/x", "ghcr.io", id="a prefix matches whole path components only"),
+        pytest.param("quay.io/x/y", "*", id="the catch-all takes what nothing else matches"),
+    ],
+)
+def test_mirror_selection(image, expected_upstream):
+    cfg = parse_config(
+        "mirrors:\n"
+        "  - {upstream: '*', mirror: m.example.org/all}\n"
+        "  - {upstream: docker.io, mirror: m.example.org/hub}\n"
+        "  - {upstream: ghcr.io, mirror: m.example.org/ghcr}\n"
+        "  - {upstream: ghcr.io/org/team, mirror: m.example.org/team}\n"
+    )
+    mirror = cfg.mirror_for(parse_reference(image))
+    assert mirror is not None and mirror.upstream == expected_upstream

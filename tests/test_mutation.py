@@ -1,0 +1,291 @@
+"""Pod mutation and AdmissionReview responses: what ends up stored, and what the user is told."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+
+import jsonpatch
+import pytest
+
+from webhook.config import parse_config
+from webhook.mutation import ORIGINALS_ANNOTATION, decide_image, mutate_pod
+from webhook.reviews import BadReviewError, parse_review, review_mutation
+
+CONFIG = parse_config(
+    """
+mirrors:
+  - {upstream: docker.io, mirror: "127.0.0.1:31000"}
+  - {upstream: ghcr.io, mirror: registry.example.org/ghcr}
+skip: ["registry.example.org/*", "docker.io/library/busybox:*"]
+pullSecret: {name: mirrorgate-pull}
+namespaces: {exclude: [kube-system, legacy]}
+"""
+)
+DIGEST = "sha256:" + "a" * 64
+
+
+def pod(*, containers=None, init=None, ephemeral=None, secrets=None, annotations=None, name="web"):
+    spec = {"containers": containers or [{"name": "app", "image": "nginx:1.25"}]}
+    if init is not None:
+        spec["initContainers"] = init
+    if ephemeral is not None:
+        spec["ephemeralContainers"] = ephemeral
+    if secrets is not None:
+        spec["imagePullSecrets"] = secrets
+    meta = {"name": name, "namespace": "team-a"}
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def review(obj, *, operation="CREATE", old=None, namespace="team-a", kind="Pod", sub="", uid="u-1"):
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": kind},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": operation,
+            "namespace": namespace,
+            "object": obj,
+            "oldObject": old,
+        },
+    }
+    if sub:
+        body["request"]["subResource"] = sub
+    return json.dumps(body).encode()
+
+
+def run(body, *, own="mirrorgate"):
+    result = review_mutation(parse_review(body), CONFIG, own_namespace=own)
+    return result, result.response["response"]
+
+
+def apply(obj, response):
+    if "patch" not in response:
+        return obj
+    patch = json.loads(base64.b64decode(response["patch"]))
+    return jsonpatch.apply_patch(obj, patch)
+
+
+@pytest.mark.parametrize(
+    ("image", "reason", "result"),
+    [
+        pytest.param("nginx:1.25", "rewritten", "127.0.0.1:31000/library/nginx:1.25",
+                     id="a docker hub short name gets the mirror and library path"),
+        pytest.param("nginx", "rewritten", "127.0.0.1:31000/library/nginx",
+                     id="no implicit latest tag is added"),
+        pytest.param(f"nginx@{DIGEST}", "rewritten", f"127.0.0.1:31000/library/nginx@{DIGEST}",
+                     id="a digest is kept"),
+        pytest.param(f"nginx:1.25@{DIGEST}", "rewritten", f"127.0.0.1:31000/library/nginx:1.25@{DIGEST}",
+                     id="tag and digest are both kept"),
+        pytest.param("ghcr.io/org/app:v2", "rewritten", "registry.example.org/ghcr/org/app:v2",
+                     id="a mirror path prefix is put before the repository path"),
+        pytest.param("registry.example.org/ghcr/org/app:v2", "already-mirrored",
+                     "registry.example.org/ghcr/org/app:v2", id="an image already on a mirror is left"),
+        pytest.param("127.0.0.1:31000/library/nginx:1.25", "already-mirrored",
+                     "127.0.0.1:31000/library/nginx:1.25", id="a mirrored docker hub image is left"),
+        pytest.param("busybox:1.36", "skipped", "busybox:1.36", id="a skip glob leaves the image"),
+        pytest.param("quay.io/x/y:1", "no-mirror", "quay.io/x/y:1", id="an unmatched registry is left"),
+        pytest.param("NGINX:1", "invalid", "NGINX:1", id="an invalid reference is never rewritten"),
+    ],
+)
+def test_image_decisions(image, reason, result):
+    decision = decide_image(image, CONFIG)
+    assert decision.reason == reason
+    assert decision.image == result
+
+
+def test_every_container_kind_is_rewritten_and_originals_recorded():
+    obj = pod(
+        containers=[{"name": "app", "image": "nginx:1.25"}, {"name": "side", "image": "ghcr.io/o/s:1"}],
+        init=[{"name": "init", "image": "alpine:3.19"}],
+    )
+    result, resp = run(review(obj))
+    assert resp["allowed"] is True and resp["uid"] == "u-1"
+    assert resp["patchType"] == "JSONPatch"
+    stored = apply(obj, resp)
+    assert [c["image"] for c in stored["spec"]["containers"]] == [
+        "127.0.0.1:31000/library/nginx:1.25",
+        "registry.example.org/ghcr/o/s:1",
+    ]
+    assert stored["spec"]["initContainers"][0]["image"] == "127.0.0.1:31000/library/alpine:3.19"
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}]
+    assert json.loads(stored["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
+        "app": "nginx:1.25",
+        "side": "ghcr.io/o/s:1",
+        "init": "alpine:3.19",
+    }
+    assert result.outcome == "mutated"
+
+
+def test_a_second_review_of_the_mutated_pod_yields_no_patch():
+    obj = pod(init=[{"name": "init", "image": "alpine"}], secrets=[{"name": "other"}])
+    _, first = run(review(obj))
+    stored = apply(obj, first)
+    result, second = run(review(stored))
+    assert "patch" not in second
+    assert result.outcome == "unchanged"
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "other"}, {"name": "mirrorgate-pull"}]
+
+
+def test_an_existing_pull_secret_is_not_added_twice():
+    obj = pod(secrets=[{"name": "mirrorgate-pull"}, {"name": "other"}])
+    _, resp = run(review(obj))
+    stored = apply(obj, resp)
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}, {"name": "other"}]
+
+
+def test_nothing_rewritten_means_no_secret_and_no_annotation():
+    obj = pod(containers=[{"name": "app", "image": "quay.io/x/y:1"}])
+    result, resp = run(review(obj))
+    assert "patch" not in resp and result.outcome == "unchanged"
+
+
+def test_an_existing_annotation_and_other_annotations_are_kept():
+    obj = pod(annotations={"team": "a", ORIGINALS_ANNOTATION: json.dumps({"old": "x:1"})})
+    _, resp = run(review(obj))
+    stored = apply(obj, resp)
+    assert stored["metadata"]["annotations"]["team"] == "a"
+    assert json.loads(stored["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
+        "old": "x:1", "app": "nginx:1.25",
+    }
+
+
+def test_an_invalid_image_is_left_and_explained_in_a_warning():
+    obj = pod(containers=[{"name": "app", "image": "Nginx:1"}, {"name": "ok", "image": "redis:7"}])
+    _, resp = run(review(obj))
+    stored = apply(obj, resp)
+    assert stored["spec"]["containers"][0]["image"] == "Nginx:1"
+    assert stored["spec"]["containers"][1]["image"] == "127.0.0.1:31000/library/redis:7"
+    assert len(resp["warnings"]) == 1
+    assert '"app"' in resp["warnings"][0] and '"Nginx:1"' in resp["warnings"][0]
+    assert "lowercase" in resp["warnings"][0]
+
+
+def test_warnings_stay_printable_and_bounded_for_hostile_images():
+    obj = pod(containers=[{"name": "app", "image": "bad\x07image" + "A" * 400}])
+    _, resp = run(review(obj))
+    (warning,) = resp["warnings"]
+    assert warning.isprintable() and len(warning) < 400
+
+
+@pytest.mark.parametrize(
+    "namespace",
+    [pytest.param("kube-system", id="kube-system"), pytest.param("legacy", id="a configured exclude"),
+     pytest.param("mirrorgate", id="the webhook's own namespace")],
+)
+def test_excluded_namespaces_are_allowed_unchanged(namespace):
+    result, resp = run(review(pod(), namespace=namespace))
+    assert resp == {"uid": "u-1", "allowed": True}
+    assert result.outcome == "excluded"
+
+
+def test_a_pod_annotated_skip_is_allowed_unchanged_with_a_warning():
+    result, resp = run(review(pod(annotations={"mirrorgate.io/skip": "true"})))
+    assert "patch" not in resp and resp["allowed"]
+    assert resp["warnings"] == ["mirrorgate: pod not mutated: annotation mirrorgate.io/skip=true"]
+    assert result.outcome == "skipped"
+
+
+def test_update_rewrites_only_a_changed_image_and_never_touches_pull_secrets():
+    old = pod(containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"},
+                          {"name": "legacy", "image": "redis:6"}],
+              secrets=[{"name": "mirrorgate-pull"}])
+    new = copy.deepcopy(old)
+    new["spec"]["containers"][0]["image"] = "nginx:1.26"
+    _, resp = run(review(new, operation="UPDATE", old=old))
+    stored = apply(new, resp)
+    assert stored["spec"]["containers"][0]["image"] == "127.0.0.1:31000/library/nginx:1.26"
+    # redis:6 was not changed by this update: rewriting it would restart a running container.
+    assert stored["spec"]["containers"][1]["image"] == "redis:6"
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}]
+    patch = json.loads(base64.b64decode(resp["patch"]))
+    assert not any(op["path"].startswith("/spec/imagePullSecrets") for op in patch)
+
+
+def test_update_of_a_pod_without_the_pull_secret_leaves_images_and_warns():
+    old = pod(containers=[{"name": "app", "image": "nginx:1.25"}])
+    new = copy.deepcopy(old)
+    new["spec"]["containers"][0]["image"] = "nginx:1.26"
+    result, resp = run(review(new, operation="UPDATE", old=old))
+    assert "patch" not in resp
+    assert "lacks imagePullSecret" in resp["warnings"][0]
+    assert result.outcome == "unchanged"
+
+
+def test_ephemeral_container_in_a_whole_pod_subresource_update_is_rewritten():
+    old = pod(secrets=[{"name": "mirrorgate-pull"}],
+              containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"}])
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox:latest"},
+                                          {"name": "shell", "image": "alpine:3"}]
+    _, resp = run(review(new, operation="UPDATE", old=old, sub="ephemeralcontainers"))
+    stored = apply(new, resp)
+    assert [c["image"] for c in stored["spec"]["ephemeralContainers"]] == [
+        "busybox:latest", "127.0.0.1:31000/library/alpine:3",
+    ]
+
+
+def test_kubernetes_1_20_ephemeral_containers_object_is_rewritten():
+    obj = {
+        "apiVersion": "v1", "kind": "EphemeralContainers",
+        "metadata": {"name": "web", "namespace": "team-a"},
+        "ephemeralContainers": [{"name": "debug", "image": "alpine:3"}],
+    }
+    _, resp = run(review(obj, operation="UPDATE", old=None, kind="EphemeralContainers",
+                         sub="ephemeralcontainers"))
+    stored = apply(obj, resp)
+    assert stored["ephemeralContainers"][0]["image"] == "127.0.0.1:31000/library/alpine:3"
+    assert "metadata" in stored and "annotations" not in stored["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("operation", "kind", "resource"),
+    [
+        pytest.param("DELETE", "Pod", "pods", id="a delete is ignored"),
+        pytest.param("CREATE", "Deployment", "deployments", id="a deployment is never mutated"),
+        pytest.param("CREATE", "Binding", "pods", id="an unknown kind on pods is ignored"),
+    ],
+)
+def test_other_requests_are_allowed_unchanged(operation, kind, resource):
+    body = json.loads(review(pod(), operation=operation, kind=kind))
+    body["request"]["resource"]["resource"] = resource
+    result, resp = run(json.dumps(body).encode())
+    assert resp == {"uid": "u-1", "allowed": True}
+    assert result.outcome == "ignored"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        pytest.param(b"not json", "body is not JSON", id="a non-JSON body"),
+        pytest.param(b"[1]", "not a JSON object", id="a JSON array"),
+        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
+                                 "request": {"uid": "x"}}).encode(), "apiVersion admission.k8s.io/v1",
+                     id="an AdmissionReview v1beta1"),
+        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+                     "no request object", id="a review without request"),
+        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                 "request": {"uid": ""}}).encode(), "request.uid", id="an empty uid"),
+        pytest.param(b"{" + b" " * (3 * 1024 * 1024) + b"}", "exceeds", id="a body over 3 MiB"),
+    ],
+)
+def test_malformed_reviews_are_rejected_with_a_reason(body, reason):
+    with pytest.raises(BadReviewError) as info:
+        parse_review(body)
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_image_the_mirror_prefix_would_push_past_the_length_limit_is_left_with_a_warning():
+    cfg = parse_config("mirrors: [{upstream: ghcr.io, mirror: 'reg.example.org/" + "p" * 60 + "'}]")
+    image = "ghcr.io/" + "a" * 200 + ":1"
+    decision = decide_image(image, cfg)
+    assert decision.reason == "unmirrorable" and decision.image == image
+    result = mutate_pod(pod(containers=[{"name": "app", "image": image}]), cfg)
+    assert result.obj["spec"]["containers"][0]["image"] == image
+    assert "255" in result.warnings[0] or "long" in result.warnings[0]

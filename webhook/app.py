@@ -1,0 +1,152 @@
+"""The aiohttp applications: the admission server (``/mutate``, probes) and the metrics server.
+
+``create_app`` is what both ``mirrorgate serve`` and the tests call. Decisions live in the pure modules;
+this module reads bodies, maps errors to HTTP statuses, logs one line per admission and counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from webhook.config import DEFAULT_OWN_NAMESPACE, Config
+from webhook.logs import get_logger
+from webhook.metrics import Metrics
+from webhook.reviews import MAX_BODY_BYTES, BadReviewError, ReviewResult, parse_review, review_mutation
+
+log = get_logger("admission")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config: Config
+    own_namespace: str = DEFAULT_OWN_NAMESPACE
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    # One byte over the limit so that aiohttp's own check fires only for bodies we must refuse.
+    app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app.router.add_post("/mutate", handle_mutate)
+    app.router.add_get("/healthz", handle_health)
+    app.router.add_get("/readyz", handle_health)
+    return app
+
+
+def create_metrics_app(metrics: Metrics) -> web.Application:
+    app = web.Application()
+    app[METRICS] = metrics
+
+    async def handle_metrics(request: web.Request) -> web.Response:
+        body = generate_latest(request.app[METRICS].registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def _bad_request(reason: str) -> web.Response:
+    return web.Response(status=400, text=reason.replace("\n", " ") + "\n")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, or HTTPBadRequest when it is over the AdmissionReview size limit."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPBadRequest(text=f"request body exceeds {MAX_BODY_BYTES} bytes\n")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise web.HTTPBadRequest(text=f"request body exceeds {MAX_BODY_BYTES} bytes\n") from err
+
+
+async def handle_mutate(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    metrics = request.app[METRICS]
+    settings = request.app[SETTINGS]
+    try:
+        body = await read_body(request)
+        req = parse_review(body)
+    except web.HTTPBadRequest as err:
+        metrics.admission_requests.labels("mutate", "other", "bad_request").inc()
+        return _bad_request(err.text or "bad request")
+    except BadReviewError as err:
+        metrics.admission_requests.labels("mutate", "other", "bad_request").inc()
+        log.warning("malformed admission review", extra={"fields": {"reason": str(err)}})
+        return _bad_request(str(err))
+
+    operation = metrics.operation_label(req.operation)
+    try:
+        result = review_mutation(req, settings.config, own_namespace=settings.own_namespace)
+    except Exception:
+        metrics.admission_requests.labels("mutate", operation, "error").inc()
+        log.exception(
+            "internal error while reviewing", extra={"fields": {"uid": req.uid}}
+        )
+        return web.Response(status=500, text=f"internal error reviewing uid {req.uid}\n")
+
+    elapsed = time.perf_counter() - started
+    _account(metrics, result, operation)
+    metrics.admission_duration.labels("mutate").observe(elapsed)
+    _log_result(req.uid, req.namespace, req.name, req.dry_run, result, elapsed)
+    return web.Response(
+        body=json.dumps(result.response, separators=(",", ":")).encode(),
+        content_type="application/json",
+    )
+
+
+def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
+    metrics.admission_requests.labels("mutate", operation, result.outcome).inc()
+    for c in result.containers:
+        if c.applied and c.decision.upstream is not None:
+            metrics.images_rewritten.labels(c.decision.upstream).inc()
+        elif c.decision.reason == "invalid":
+            metrics.images_left.labels("invalid_reference").inc()
+        elif c.decision.reason == "unmirrorable":
+            metrics.images_left.labels("unmirrorable").inc()
+        elif c.decision.reason == "rewritten":
+            metrics.images_left.labels("missing_pull_secret").inc()
+
+
+def _log_result(
+    uid: str,
+    namespace: str | None,
+    name: str | None,
+    dry_run: bool,
+    result: ReviewResult,
+    elapsed: float,
+) -> None:
+    fields = {
+        "uid": uid,
+        "namespace": namespace,
+        "name": name,
+        "operation": result.operation,
+        "outcome": result.outcome,
+        "dry_run": dry_run,
+        "ms": round(elapsed * 1000, 3),
+    }
+    changed = [
+        {"container": c.name, "from": c.decision.input, "to": c.decision.image}
+        for c in result.containers
+        if c.applied
+    ]
+    if changed:
+        fields["rewritten"] = changed
+    warnings = result.response["response"].get("warnings")
+    if warnings:
+        fields["warnings"] = warnings
+    # Unchanged, excluded and ignored admissions are the bulk of the traffic: keep them at debug.
+    level = 20 if (changed or warnings) else 10
+    log.log(level, "admission reviewed", extra={"fields": fields})

@@ -1,0 +1,334 @@
+"""The one typed, validated model of ``mirrorgate.yaml``.
+
+Loading checks the whole file at once and raises a single ``ConfigError`` that lists every problem with
+its key path (``mirrors[1].mirror: ...``), so a broken config stops start-up before anything is served.
+Nothing here does I/O beyond reading the file, and nothing falls back silently on a bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from webhook.images import (
+    ImageReference,
+    InvalidReferenceError,
+    parse_domain,
+    parse_mirror,
+)
+
+# Namespaces that are never mutated, whatever the config says: a webhook that touches kube-system can
+# break the control plane, and one that touches its own namespace can lock itself out after a restart.
+ALWAYS_EXCLUDED = ("kube-system",)
+DEFAULT_OWN_NAMESPACE = "mirrorgate"
+CATCH_ALL = "*"
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+NamespaceMode = Literal["optIn", "clusterWide"]
+NAMESPACE_MODES: tuple[NamespaceMode, ...] = ("optIn", "clusterWide")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; ``problems`` holds one ``key.path: reason`` line per problem."""
+
+    def __init__(self, problems: Iterable[str], *, source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid config {source}" if source else "invalid config"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """One ``mirrors[]`` entry: images from ``upstream`` are pulled from ``mirror``."""
+
+    upstream: str  # normalised domain, optionally with a repository prefix; or "*"
+    mirror: str  # host[:port][/path-prefix], as the nodes pull from it
+
+    def matches(self, ref: ImageReference) -> bool:
+        if self.upstream == CATCH_ALL:
+            return True
+        name = ref.name
+        return name == self.upstream or name.startswith(self.upstream + "/")
+
+    @property
+    def specificity(self) -> int:
+        # Longest upstream wins; the catch-all loses to everything.
+        return -1 if self.upstream == CATCH_ALL else len(self.upstream)
+
+    def serves(self, ref: ImageReference) -> bool:
+        """Whether ``ref`` already points at this mirror (and must not be rewritten again)."""
+        return ref.name.startswith(self.mirror + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class PullSecret:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Namespaces:
+    mode: NamespaceMode = "optIn"
+    exclude: tuple[str, ...] = ALWAYS_EXCLUDED
+
+    def excluded(self, namespace: str | None, *, own_namespace: str) -> bool:
+        return namespace in self.exclude or namespace == own_namespace
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mirrors: tuple[Mirror, ...] = ()
+    skip: tuple[str, ...] = ()
+    pull_secret: PullSecret | None = None
+    namespaces: Namespaces = field(default_factory=Namespaces)
+    source: str | None = None
+
+    def mirror_for(self, ref: ImageReference) -> Mirror | None:
+        """The most specific mirror whose upstream covers ``ref``, or None."""
+        best: Mirror | None = None
+        for m in self.mirrors:
+            if m.matches(ref) and (best is None or m.specificity > best.specificity):
+                best = m
+        return best
+
+    def mirror_serving(self, ref: ImageReference) -> Mirror | None:
+        """The mirror ``ref`` already points at, if any."""
+        return next((m for m in self.mirrors if m.serves(ref)), None)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate ``path``; raise ConfigError naming every bad key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read: {err.strerror or err}"], source=str(p)) from err
+    return parse_config(text, source=str(p))
+
+
+def parse_config(text: str, *, source: str | None = None) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"not valid YAML{where}: {problem}"], source=source) from err
+    if data is None:
+        data = {}
+    return config_from_dict(data, source=source)
+
+
+def config_from_dict(data: Any, *, source: str | None = None) -> Config:
+    v = _Validator()
+    cfg = v.config(data)
+    if v.problems:
+        raise ConfigError(v.problems, source=source)
+    assert cfg is not None
+    return Config(
+        mirrors=cfg.mirrors,
+        skip=cfg.skip,
+        pull_secret=cfg.pull_secret,
+        namespaces=cfg.namespaces,
+        source=source,
+    )
+
+
+class _Validator:
+    """Walks the raw YAML, collecting problems instead of stopping at the first one."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, reason: str) -> None:
+        self.problems.append(f"{path}: {reason}" if path else reason)
+
+    def mapping(self, value: Any, path: str, allowed: Iterable[str]) -> Mapping[str, Any] | None:
+        if not isinstance(value, Mapping):
+            self.fail(path or "(top level)", f"must be a mapping, got {_type(value)}")
+            return None
+        allowed = tuple(allowed)
+        for key in value:
+            if key not in allowed:
+                prefix = f"{path}." if path else ""
+                self.fail(f"{prefix}{key}", f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def string(self, value: Any, path: str) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.fail(path, f"must be a non-empty string, got {_type(value)}")
+            return None
+        return value
+
+    def config(self, data: Any) -> Config | None:
+        top = self.mapping(data, "", ("mirrors", "skip", "pullSecret", "namespaces"))
+        if top is None:
+            return None
+        return Config(
+            mirrors=self.mirrors(top.get("mirrors", [])),
+            skip=self.skip(top.get("skip", [])),
+            pull_secret=self.pull_secret(top.get("pullSecret")),
+            namespaces=self.namespaces(top.get("namespaces", {})),
+        )
+
+    def mirrors(self, value: Any) -> tuple[Mirror, ...]:
+        if not isinstance(value, list):
+            self.fail("mirrors", f"must be a list, got {_type(value)}")
+            return ()
+        out: list[Mirror] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            path = f"mirrors[{i}]"
+            m = self.mapping(item, path, ("upstream", "mirror"))
+            if m is None:
+                continue
+            for key in ("upstream", "mirror"):
+                if key not in m:
+                    self.fail(f"{path}.{key}", "required")
+            upstream = self.upstream(m.get("upstream"), f"{path}.upstream") if "upstream" in m else None
+            mirror = self.mirror(m.get("mirror"), f"{path}.mirror") if "mirror" in m else None
+            if upstream is None or mirror is None:
+                continue
+            if upstream in seen:
+                self.fail(f"{path}.upstream", f"{upstream!r} is already mapped by mirrors[{seen[upstream]}]")
+                continue
+            seen[upstream] = i
+            out.append(Mirror(upstream=upstream, mirror=mirror))
+        return tuple(out)
+
+    def upstream(self, value: Any, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        if text == CATCH_ALL:
+            return text
+        domain, _, prefix = text.partition("/")
+        try:
+            domain = parse_domain(domain)
+        except InvalidReferenceError as err:
+            self.fail(path, f"{text!r} is not a registry domain[/path]: {err}")
+            return None
+        if prefix:
+            try:
+                # Validate the repository prefix with the same grammar as a mirror's prefix.
+                _, prefix = parse_mirror(f"{domain}/{prefix}")
+            except InvalidReferenceError as err:
+                self.fail(path, f"{text!r} has an invalid repository prefix: {err}")
+                return None
+        return f"{domain}/{prefix}" if prefix else domain
+
+    def mirror(self, value: Any, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        try:
+            domain, prefix = parse_mirror(text)
+        except InvalidReferenceError as err:
+            self.fail(path, f"{text!r}: {err}")
+            return None
+        return f"{domain}/{prefix}" if prefix else domain
+
+    def skip(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            self.fail("skip", f"must be a list of globs, got {_type(value)}")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            path = f"skip[{i}]"
+            text = self.string(item, path)
+            if text is None:
+                continue
+            reason = _glob_problem(text)
+            if reason:
+                self.fail(path, f"{text!r} is not a valid glob: {reason}")
+                continue
+            out.append(text)
+        return tuple(out)
+
+    def pull_secret(self, value: Any) -> PullSecret | None:
+        if value is None:
+            return None
+        m = self.mapping(value, "pullSecret", ("name",))
+        if m is None:
+            return None
+        if "name" not in m:
+            self.fail("pullSecret.name", "required")
+            return None
+        name = self.string(m["name"], "pullSecret.name")
+        if name is None:
+            return None
+        if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+            self.fail(
+                "pullSecret.name",
+                f"{name!r} is not a valid Secret name (lowercase RFC 1123 subdomain, at most 253)",
+            )
+            return None
+        return PullSecret(name=name)
+
+    def namespaces(self, value: Any) -> Namespaces:
+        m = self.mapping(value, "namespaces", ("mode", "exclude"))
+        if m is None:
+            return Namespaces()
+        mode = m.get("mode", "optIn")
+        if mode not in NAMESPACE_MODES:
+            self.fail("namespaces.mode", f"{mode!r} is not one of {', '.join(NAMESPACE_MODES)}")
+            mode = "optIn"
+        raw = m.get("exclude", [])
+        exclude: list[str] = list(ALWAYS_EXCLUDED)
+        if not isinstance(raw, list):
+            self.fail("namespaces.exclude", f"must be a list of namespace names, got {_type(raw)}")
+            raw = []
+        for i, item in enumerate(raw):
+            path = f"namespaces.exclude[{i}]"
+            name = self.string(item, path)
+            if name is None:
+                continue
+            if not _DNS1123_LABEL.match(name):
+                self.fail(path, f"{name!r} is not a valid namespace name (lowercase RFC 1123 label)")
+                continue
+            if name not in exclude:
+                exclude.append(name)
+        return Namespaces(mode=mode, exclude=tuple(exclude))
+
+
+def _glob_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a usable fnmatch glob, or None.
+
+    fnmatch never raises: it silently treats an unclosed ``[`` as a literal, so a typo would make a skip
+    rule match nothing. Reject what would surprise the user instead.
+    """
+    if pattern != pattern.strip() or any(c.isspace() for c in pattern):
+        return "contains whitespace"
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "[":
+            # fnmatch: "[!...]" negates, and a "]" right after "[" or "[!" is a literal member.
+            j = i + 1
+            if pattern[j : j + 1] == "!":
+                j += 1
+            if pattern[j : j + 1] == "]":
+                j += 1
+            end = pattern.find("]", j)
+            if end == -1:
+                return f"unclosed '[' at position {i + 1}"
+            i = end
+        elif c == "]":
+            return f"unmatched ']' at position {i + 1}"
+        i += 1
+    return None
+
+
+def _type(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )

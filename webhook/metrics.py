@@ -1,0 +1,66 @@
+"""Every Prometheus metric mirrorgate exposes, defined once on an injected CollectorRegistry.
+
+Label values are bounded: webhook and operation names, outcomes, configured upstreams and reasons. Never
+an image, pod or namespace chosen by a user at request time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from webhook import __version__
+
+# From a cached decision (well under a millisecond) to the API server's 10 s default timeout.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OPERATIONS = frozenset({"CREATE", "UPDATE", "DELETE", "CONNECT"})
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.admission_requests = Counter(
+            "mirrorgate_admission_requests",
+            "Admission requests answered, by webhook, operation and outcome.",
+            ["webhook", "operation", "outcome"],
+            registry=r,
+        )
+        self.admission_duration = Histogram(
+            "mirrorgate_admission_duration_seconds",
+            "Time to answer an admission request, from body read to response.",
+            ["webhook"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images_rewritten = Counter(
+            "mirrorgate_images_rewritten",
+            "Images rewritten to a mirror, by the configured upstream that matched.",
+            ["upstream"],
+            registry=r,
+        )
+        self.images_left = Counter(
+            "mirrorgate_images_left_unchanged",
+            "Images a rewrite applied to but that were left as they were, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "mirrorgate_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate in use, as a Unix timestamp.",
+            ["certificate"],
+            registry=r,
+        )
+        self.certificate_reloads = Counter(
+            "mirrorgate_certificate_reloads",
+            "Serving certificate reload attempts, by result.",
+            ["result"],
+            registry=r,
+        )
+        build_info = Gauge(
+            "mirrorgate_build_info", "Always 1; the version label says what runs.", ["version"],
+            registry=r,
+        )
+        build_info.labels(version=__version__).set(1)
+
+    def operation_label(self, operation: str) -> str:
+        return operation if operation in OPERATIONS else "other"

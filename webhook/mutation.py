@@ -1,0 +1,270 @@
+"""Pod in, mutated pod and warnings out: image rewriting, ``imagePullSecrets``, the originals annotation.
+
+Pure: no HTTP, no Kubernetes client. The caller diffs the input against ``MutationResult.obj`` to build
+the JSON Patch, so this module only ever changes a deep copy and never writes patch paths by hand; a
+second pass over its own output changes nothing (``reinvocationPolicy: IfNeeded`` relies on that).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+
+from webhook.config import Config
+from webhook.images import InvalidReferenceError, parse_reference, with_mirror
+
+ORIGINALS_ANNOTATION = "mirrorgate.io/original-images"
+SKIP_ANNOTATION = "mirrorgate.io/skip"
+# Order of a pod's container lists; Kubernetes requires names to be unique across all three.
+CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
+WARNING_PREFIX = "mirrorgate: "
+_MAX_QUOTED = 120
+
+Reason = Literal["rewritten", "already-mirrored", "skipped", "no-mirror", "invalid", "unmirrorable"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageDecision:
+    """What mirrorgate does with one image reference, and why."""
+
+    input: str
+    reason: Reason
+    normalized: str | None = None
+    rewritten: str | None = None
+    upstream: str | None = None  # the matching mirrors[].upstream, for metrics
+    detail: str | None = None  # the parse error for invalid references
+
+    @property
+    def image(self) -> str:
+        return self.rewritten if self.rewritten is not None else self.input
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "input": self.input,
+            "normalized": self.normalized,
+            "rewritten": self.image,
+            "reason": self.reason,
+        }
+        if self.detail:
+            out["error"] = self.detail
+        return out
+
+
+def decide_image(image: str, config: Config) -> ImageDecision:
+    """Decide where ``image`` should be pulled from under ``config``."""
+    try:
+        ref = parse_reference(image)
+    except InvalidReferenceError as err:
+        return ImageDecision(input=image, reason="invalid", detail=str(err))
+    normalized = str(ref)
+    if config.mirror_serving(ref) is not None:
+        return ImageDecision(input=image, reason="already-mirrored", normalized=normalized)
+    if any(fnmatchcase(normalized, pattern) for pattern in config.skip):
+        return ImageDecision(input=image, reason="skipped", normalized=normalized)
+    mirror = config.mirror_for(ref)
+    if mirror is None:
+        return ImageDecision(input=image, reason="no-mirror", normalized=normalized)
+    try:
+        rewritten = with_mirror(ref, mirror.mirror)
+    except InvalidReferenceError as err:
+        # e.g. the mirror's path prefix pushes the repository past the 255-character limit.
+        return ImageDecision(
+            input=image, reason="unmirrorable", normalized=normalized, upstream=mirror.upstream,
+            detail=f"cannot be rewritten to mirror {mirror.mirror}: {err.reason or err}",
+        )
+    return ImageDecision(
+        input=image,
+        reason="rewritten",
+        normalized=normalized,
+        rewritten=rewritten,
+        upstream=mirror.upstream,
+    )
+
+
+@dataclass(slots=True)
+class ContainerDecision:
+    field: str  # containers | initContainers | ephemeralContainers
+    name: str
+    decision: ImageDecision
+    applied: bool  # False when the image was left alone although it could be rewritten
+
+
+@dataclass(slots=True)
+class MutationResult:
+    obj: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    containers: list[ContainerDecision] = field(default_factory=list)
+    skipped_pod: bool = False
+
+    @property
+    def rewritten(self) -> list[ContainerDecision]:
+        return [c for c in self.containers if c.applied and c.decision.reason == "rewritten"]
+
+
+def mutate_pod(
+    pod: dict[str, Any],
+    config: Config,
+    *,
+    operation: str = "CREATE",
+    old_pod: dict[str, Any] | None = None,
+) -> MutationResult:
+    """Rewrite the images of ``pod`` (a Pod object as the API server sends it).
+
+    CREATE rewrites every image and adds the pull secret. UPDATE (including the ``ephemeralcontainers``
+    subresource, which sends the whole Pod from Kubernetes 1.22 on) rewrites only images that differ from
+    ``old_pod``: rewriting an unchanged image would restart a running container on an unrelated edit, and
+    the API server forbids adding ``imagePullSecrets`` on update, so a pod without the secret keeps its
+    images.
+    """
+    out = copy.deepcopy(pod)
+    result = MutationResult(obj=out)
+    metadata = out.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    if str(annotations.get(SKIP_ANNOTATION, "")).lower() == "true":
+        result.skipped_pod = True
+        result.warnings.append(
+            f"{WARNING_PREFIX}pod not mutated: annotation {SKIP_ANNOTATION}=true"
+        )
+        return result
+
+    spec = out.get("spec")
+    if not isinstance(spec, dict):
+        return result
+    old_images = _images_by_name((old_pod or {}).get("spec")) if operation == "UPDATE" else {}
+    secret = config.pull_secret.name if config.pull_secret else None
+    has_secret = secret is None or any(
+        isinstance(s, dict) and s.get("name") == secret for s in spec.get("imagePullSecrets") or []
+    )
+    may_rewrite = operation != "UPDATE" or has_secret
+
+    originals: dict[str, str] = {}
+    for fld in CONTAINER_FIELDS:
+        for container in _containers(spec, fld):
+            name = str(container.get("name", ""))
+            image = container.get("image")
+            if not isinstance(image, str) or not image:
+                continue
+            if operation == "UPDATE" and old_images.get((fld, name)) == image:
+                continue
+            decision = decide_image(image, config)
+            applied = decision.reason == "rewritten" and may_rewrite
+            result.containers.append(ContainerDecision(fld, name, decision, applied))
+            if applied:
+                container["image"] = decision.image
+                originals[name] = image
+            result.warnings.extend(_warnings_for(fld, name, decision, may_rewrite, secret))
+
+    if originals:
+        if operation != "UPDATE" and secret is not None and not has_secret:
+            spec.setdefault("imagePullSecrets", [])
+            if spec["imagePullSecrets"] is None:
+                spec["imagePullSecrets"] = []
+            spec["imagePullSecrets"].append({"name": secret})
+        _record_originals(out, originals)
+    return result
+
+
+def mutate_ephemeral_containers(obj: dict[str, Any], config: Config) -> MutationResult:
+    """Rewrite a Kubernetes 1.20/1.21 ``EphemeralContainers`` object (pods/ephemeralcontainers).
+
+    That object carries only the ephemeral container list: the pod's ``imagePullSecrets`` and
+    annotations are not part of it and the API server ignores anything but the list, so only images
+    change. Ephemeral containers can only be added, never changed, so existing ones keep their images
+    as they were admitted.
+    """
+    out = copy.deepcopy(obj)
+    result = MutationResult(obj=out)
+    for container in _containers(out, "ephemeralContainers"):
+        name = str(container.get("name", ""))
+        image = container.get("image")
+        if not isinstance(image, str) or not image:
+            continue
+        decision = decide_image(image, config)
+        applied = decision.reason == "rewritten"
+        result.containers.append(ContainerDecision("ephemeralContainers", name, decision, applied))
+        if applied:
+            container["image"] = decision.image
+        result.warnings.extend(_warnings_for("ephemeralContainers", name, decision, True, None))
+    return result
+
+
+def _containers(spec: dict[str, Any], fld: str) -> list[dict[str, Any]]:
+    items = spec.get(fld)
+    if not isinstance(items, list):
+        return []
+    return [c for c in items if isinstance(c, dict)]
+
+
+def _images_by_name(spec: Any) -> dict[tuple[str, str], Any]:
+    if not isinstance(spec, dict):
+        return {}
+    return {
+        (fld, str(c.get("name", ""))): c.get("image")
+        for fld in CONTAINER_FIELDS
+        for c in _containers(spec, fld)
+    }
+
+
+def _warnings_for(
+    fld: str, name: str, decision: ImageDecision, may_rewrite: bool, secret: str | None
+) -> list[str]:
+    where = f"{_kind_label(fld)} {_quote(name)}"
+    if decision.reason == "invalid":
+        return [
+            f"{WARNING_PREFIX}{where} image {_quote(decision.input)} is not a valid image "
+            f"reference ({_reason_only(decision.detail)}); left unchanged"
+        ]
+    if decision.reason == "unmirrorable":
+        return [f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: "
+                f"{decision.detail}"]
+    if decision.reason == "rewritten" and not may_rewrite:
+        return [
+            f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: the pod lacks "
+            f"imagePullSecret {_quote(secret or '')}, which cannot be added on update; "
+            "recreate the pod to use the mirror"
+        ]
+    return []
+
+
+def _record_originals(pod: dict[str, Any], originals: dict[str, str]) -> None:
+    metadata = pod.setdefault("metadata", {})
+    if metadata.get("annotations") is None:
+        metadata["annotations"] = {}
+    annotations = metadata["annotations"]
+    try:
+        recorded = json.loads(annotations.get(ORIGINALS_ANNOTATION, "{}"))
+    except (TypeError, ValueError):
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    recorded.update(originals)
+    annotations[ORIGINALS_ANNOTATION] = json.dumps(recorded, sort_keys=True, separators=(",", ":"))
+
+
+def _kind_label(fld: str) -> str:
+    return {
+        "containers": "container",
+        "initContainers": "init container",
+        "ephemeralContainers": "ephemeral container",
+    }[fld]
+
+
+def _quote(text: str) -> str:
+    """Quote user-controlled text for a warning: printable, bounded, one line.
+
+    The API server drops warnings with non-printable characters and truncates long ones.
+    """
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    if len(clean) > _MAX_QUOTED:
+        clean = clean[: _MAX_QUOTED - 3] + "..."
+    return f'"{clean}"'
+
+
+def _reason_only(detail: str | None) -> str:
+    # InvalidReferenceError messages repeat the reference; the warning already quotes it.
+    if not detail:
+        return "unparseable"
+    return detail.rsplit(": ", 1)[-1]
