@@ -1,0 +1,347 @@
+"""The ``mirrorgate`` command: the only place that reads argv, prints for humans and exits.
+
+Exit codes: 0 success; 1 the command ran and found a problem (an invalid image, a denied review);
+2 unusable input (bad config, bad flags, unreadable file, unusable certificate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webhook import __version__
+from webhook.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError, load_config
+from webhook.mutation import decide_image
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+
+CONFIG_HELP = "mirrorgate.yaml to use (default: $MIRRORGATE_CONFIG, else ./mirrorgate.yaml)"
+
+
+class UsageError(Exception):
+    """Input the user must fix; printed without a traceback, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as err:
+        print(f"mirrorgate {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrorgate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Make a self-hosted registry the source of truth for a Kubernetes cluster: an admission
+            webhook rewrites every Pod image to your registry mirror and injects its pull secret.
+
+            Start with `mirrorgate demo` (a local API server, registry and webhook; no cluster needed),
+            check images with `mirrorgate rewrite`, and manifests with `mirrorgate review`."""
+        ),
+        epilog="Exit codes: 0 ok, 1 a problem was found, 2 unusable input (config, flags, files).",
+    )
+    parser.add_argument("--version", action="version", version=f"mirrorgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the admission webhook (HTTPS) and the metrics endpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Serve POST /mutate, GET /healthz and GET /readyz over HTTPS (TLS 1.2+) and GET /metrics
+            over plain HTTP on a separate port. The certificate files are re-read when they change
+            on disk (checked every --cert-reload-interval seconds), without a restart and without
+            dropping requests in flight. The process never mutates pods in kube-system, in
+            namespaces.exclude, or in its own namespace ($POD_NAMESPACE, default "mirrorgate").
+            Logs are JSON lines on stderr. SIGTERM drains in-flight requests, then exits."""
+        ),
+    )
+    serve.add_argument("--config", default=None, help=CONFIG_HELP)
+    serve.add_argument("--tls-cert", required=True, help="PEM serving certificate (chain)")
+    serve.add_argument("--tls-key", required=True, help="PEM private key of --tls-cert")
+    serve.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT for HTTPS (default %(default)s)")
+    serve.add_argument(
+        "--metrics-listen", default="0.0.0.0:9090",
+        help="HOST:PORT for plain-HTTP /metrics (default %(default)s); 'off' disables it",
+    )
+    serve.add_argument(
+        "--cert-reload-interval", type=float, default=10.0, metavar="SECONDS",
+        help="how often to check the certificate files for changes (default %(default)s)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    rewrite = sub.add_parser(
+        "rewrite",
+        help="print where each image would be pulled from",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Print one line per input image, in order: the rewritten reference, or the input itself
+            when it is not rewritten (no matching mirror, skipped, already on a mirror, invalid).
+            An invalid reference also prints an error on stderr and makes the exit code 1.
+            '-' reads images from standard input, one per line.
+
+            example: mirrorgate rewrite --config mirrorgate.yaml nginx:1.25 ghcr.io/org/app@sha256:..."""
+        ),
+    )
+    rewrite.add_argument("--config", default=None, help=CONFIG_HELP)
+    rewrite.add_argument("--json", action="store_true",
+                         help="print [{input, normalized, rewritten, reason}] instead")
+    rewrite.add_argument("images", nargs="+", metavar="IMAGE")
+    rewrite.set_defaults(func=cmd_rewrite)
+
+    review = sub.add_parser(
+        "review",
+        help="run a Pod manifest or AdmissionReview through /mutate offline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Read one Pod manifest (YAML or JSON) or one AdmissionReview from FILE ('-' for stdin)
+            and print the AdmissionReview response (patch decoded alongside) and the patched Pod:
+            the same code path as the webhook's /mutate. A bare Pod is reviewed as a CREATE in its
+            metadata.namespace (or --namespace). Namespace selection (opt-in labels) is the API
+            server's job and is not simulated; namespaces.exclude is applied."""
+        ),
+    )
+    review.add_argument("--config", default=None, help=CONFIG_HELP)
+    review.add_argument("--namespace", default=None,
+                        help="namespace for a Pod manifest without metadata.namespace (default: default)")
+    review.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
+    review.add_argument("file", metavar="FILE")
+    review.set_defaults(func=cmd_review)
+
+    from webhook.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def resolve_config(path: str | None) -> Config:
+    chosen = path or os.environ.get("MIRRORGATE_CONFIG") or "mirrorgate.yaml"
+    if not Path(chosen).exists():
+        hint = "" if path else " (pass --config FILE or set MIRRORGATE_CONFIG)"
+        raise UsageError(f"config file {chosen} not found{hint}")
+    return load_config(chosen)
+
+
+def parse_listen(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{flag} {value!r}: expected HOST:PORT, e.g. 0.0.0.0:8443 or [::]:8443")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config)
+    images = _expand_stdin(args.images)
+    decisions = [decide_image(image, config) for image in images]
+    if args.json:
+        print(json.dumps([d.as_dict() for d in decisions], indent=2))
+    else:
+        for d in decisions:
+            print(d.image)
+    failed = [d for d in decisions if d.reason == "invalid"]
+    for d in failed:
+        print(f"mirrorgate rewrite: {d.detail}", file=sys.stderr)
+    return EXIT_FOUND if failed else EXIT_OK
+
+
+def _expand_stdin(items: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        if item == "-":
+            out.extend(line.strip() for line in sys.stdin if line.strip())
+        else:
+            out.append(item)
+    return out
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from webhook.reviews import BadReviewError, parse_review, review_mutation
+
+    config = resolve_config(args.config)
+    doc = _read_manifest(args.file)
+    review_doc = _as_review(doc, namespace=args.namespace)
+    try:
+        req = parse_review(json.dumps(review_doc))
+    except BadReviewError as err:
+        raise UsageError(f"{args.file}: {err}") from err
+    own = os.environ.get("POD_NAMESPACE", DEFAULT_OWN_NAMESPACE)
+    result = review_mutation(req, config, own_namespace=own)
+    response = dict(result.response)
+    shown = {**response, "response": {**response["response"]}}
+    if result.patch:
+        shown["response"]["patchDecoded"] = result.patch
+    if args.output == "json":
+        print(json.dumps({"review": shown, "patched": result.patched}, indent=2))
+    else:
+        sys.stdout.write(
+            yaml.safe_dump_all([shown, result.patched], sort_keys=False, default_flow_style=False)
+        )
+    for warning in response["response"].get("warnings", []):
+        print(f"Warning: {warning}", file=sys.stderr)
+    return EXIT_OK if response["response"]["allowed"] else EXIT_FOUND
+
+
+def _read_manifest(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is neither YAML nor JSON: {str(err).splitlines()[0]}") from err
+    if len(docs) != 1:
+        raise UsageError(f"{path}: expected exactly one document (a Pod or an AdmissionReview), got {len(docs)}")
+    return docs[0]
+
+
+def _as_review(doc: Any, *, namespace: str | None) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise UsageError("the document is not a mapping")
+    kind = doc.get("kind")
+    if kind == "AdmissionReview":
+        return doc
+    if kind != "Pod":
+        raise UsageError(
+            f"kind {kind!r}: mirrorgate mutates Pods only (a controller's pods are reviewed when "
+            "they are created); pass a Pod manifest or an AdmissionReview"
+        )
+    meta = doc.get("metadata") or {}
+    ns = namespace or meta.get("namespace") or "default"
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "mirrorgate-review",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": ns,
+            "name": meta.get("name"),
+            "object": doc,
+            "dryRun": True,
+        },
+    }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from webhook.logs import setup_logging
+    from webhook.tls import TLSConfigError
+
+    setup_logging(args.log_level)
+    config = resolve_config(args.config)
+    listen = parse_listen(args.listen, "--listen")
+    metrics_listen = (
+        None if args.metrics_listen == "off" else parse_listen(args.metrics_listen, "--metrics-listen")
+    )
+    try:
+        return asyncio.run(
+            _serve(
+                config,
+                listen=listen,
+                metrics_listen=metrics_listen,
+                cert=args.tls_cert,
+                key=args.tls_key,
+                reload_interval=args.cert_reload_interval,
+            )
+        )
+    except TLSConfigError as err:
+        raise UsageError(str(err)) from err
+
+
+async def _serve(
+    config: Config,
+    *,
+    listen: tuple[str, int],
+    metrics_listen: tuple[str, int] | None,
+    cert: str,
+    key: str,
+    reload_interval: float,
+) -> int:
+    from aiohttp import web
+
+    from webhook.app import Settings, create_app, create_metrics_app
+    from webhook.logs import get_logger
+    from webhook.metrics import Metrics
+    from webhook.tls import ReloadingTLS
+
+    log = get_logger("serve")
+    metrics = Metrics()
+
+    def record_cert(info: Any) -> None:
+        metrics.certificate_expiry.labels("serving").set(info.not_after.timestamp())
+        metrics.certificate_reloads.labels("loaded").inc()
+
+    tls = ReloadingTLS(
+        cert, key, on_load=record_cert,
+        on_error=lambda: metrics.certificate_reloads.labels("failed").inc(),
+    )
+    own_namespace = os.environ.get("POD_NAMESPACE", DEFAULT_OWN_NAMESPACE)
+    app = create_app(Settings(config=config, own_namespace=own_namespace), metrics=metrics)
+    runner = web.AppRunner(app, shutdown_timeout=15, access_log=None)
+    await runner.setup()
+    runners = [runner]
+    try:
+        await web.TCPSite(runner, listen[0], listen[1], ssl_context=tls.context).start()
+        if metrics_listen:
+            mrunner = web.AppRunner(create_metrics_app(metrics), access_log=None)
+            await mrunner.setup()
+            runners.append(mrunner)
+            await web.TCPSite(mrunner, metrics_listen[0], metrics_listen[1]).start()
+    except OSError as err:
+        for r in reversed(runners):
+            await r.cleanup()
+        raise UsageError(f"cannot listen: {err.strerror or err}") from err
+
+    log.info(
+        "serving",
+        extra={"fields": {
+            "listen": f"{listen[0]}:{listen[1]}",
+            "metrics": f"{metrics_listen[0]}:{metrics_listen[1]}" if metrics_listen else None,
+            "own_namespace": own_namespace,
+            "mirrors": len(config.mirrors),
+            "version": __version__,
+        }},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(tls.watch(reload_interval))
+    await stop.wait()
+    log.info("shutting down: draining requests in flight")
+    watcher.cancel()
+    for r in reversed(runners):
+        await r.cleanup()
+    log.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""`mirrorgate demo`: the whole admission flow on one machine, without a cluster.
+
+Starts a real kube-apiserver + etcd and a real registry (see ``localcluster``), runs ``mirrorgate
+serve`` with a freshly issued certificate, registers it with a ``MutatingWebhookConfiguration``
+(``clientConfig.url`` + ``caBundle``), creates pods through the API server and shows what was stored.
+``LocalWebhook`` and ``mutating_webhook_configuration`` are shared with the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from certs.pki import generate_ca, issue_serving
+from webhook.mutation import decide_image
+from webhook.config import load_config
+from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
+
+OPT_IN_LABEL = "mirrorgate.io/enabled"
+SERVE_READY_TIMEOUT = 20.0
+
+
+class LocalWebhook:
+    """``mirrorgate serve`` as a child process on 127.0.0.1 with a CA and certificate made for it."""
+
+    def __init__(self, work_dir: Path | str, config_file: Path | str, *,
+                 env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+        self.work_dir = Path(work_dir)
+        self.config_file = Path(config_file)
+        self.env = dict(env or {})
+        self.log_level = log_level
+        self.port = 0
+        self.metrics_port = 0
+        self.ca_pem = b""
+        self.log_file = self.work_dir / "serve.log"
+        self.cert_file = self.work_dir / "tls.crt"
+        self.key_file = self.work_dir / "tls.key"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._process
+
+    def start(self, *, port: int | None = None) -> Self:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if not self.ca_pem:
+            ca = generate_ca("mirrorgate-local-ca", days=2)
+            pair = issue_serving(ca, ["127.0.0.1", "localhost"], days=1)
+            self.ca_pem = ca.cert_pem
+            self.cert_file.write_bytes(pair.cert_pem)
+            self.key_file.touch(mode=0o600)
+            self.key_file.write_bytes(pair.key_pem)
+        self.port = port or self.port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+        argv = [
+            sys.executable, "-m", "webhook.cli", "serve",
+            "--config", str(self.config_file),
+            "--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file),
+            "--listen", f"127.0.0.1:{self.port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--log-level", self.log_level,
+        ]
+        log = self.log_file.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        ctx = ssl.create_default_context(cadata=self.ca_pem.decode())
+        deadline = time.monotonic() + SERVE_READY_TIMEOUT
+        while True:
+            if self._process.poll() is not None:
+                raise LocalClusterError(
+                    f"mirrorgate serve exited with {self._process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", context=ctx, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LocalClusterError(f"mirrorgate serve not ready after {SERVE_READY_TIMEOUT}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        proc, self._process = self._process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (non-JSON lines are skipped)."""
+        out = []
+        if not self.log_file.exists():
+            return out
+        for line in self.log_file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.exists():
+            return "(no log)"
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def mutating_webhook_configuration(
+    name: str,
+    *,
+    url: str,
+    ca_pem: bytes,
+    namespace_selector: Mapping[str, Any] | None = None,
+    failure_policy: str = "Ignore",
+    reinvocation_policy: str = "IfNeeded",
+    timeout_seconds: int = 5,
+    excluded_namespaces: Sequence[str] = ("kube-system",),
+) -> dict[str, Any]:
+    """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to ``url``.
+
+    The ``pods/ephemeralcontainers`` subresource must be named explicitly: ``pods`` alone does not
+    match it. Excluded namespaces are also matched out here, by the ``kubernetes.io/metadata.name``
+    label (set by Kubernetes >= 1.21; on older servers the webhook's own exclusion still applies).
+    """
+    selector: dict[str, Any] = json.loads(json.dumps(namespace_selector or {}))
+    if excluded_namespaces:
+        selector.setdefault("matchExpressions", []).append(
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+             "values": list(excluded_namespaces)}
+        )
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "mirrorgate"}},
+        "webhooks": [{
+            "name": "mutate.mirrorgate.io",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {
+                "url": url.rstrip("/") + "/mutate",
+                "caBundle": base64.b64encode(ca_pem).decode(),
+            },
+            "rules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                 "resources": ["pods"], "scope": "Namespaced"},
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                 "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
+            ],
+            "namespaceSelector": selector,
+            "failurePolicy": failure_policy,
+            "matchPolicy": "Equivalent",
+            "reinvocationPolicy": reinvocation_policy,
+            "sideEffects": "None",
+            "timeoutSeconds": timeout_seconds,
+        }],
+    }
+
+
+# --- the demo ------------------------------------------------------------------------------------
+
+DEMO_PODS: list[dict[str, Any]] = [
+    {"metadata": {"name": "storefront", "namespace": "shop", "labels": {"app": "storefront"}},
+     "spec": {
+         "initContainers": [{"name": "migrate", "image": "ghcr.io/acme/storefront-migrations:2.3.1"}],
+         "containers": [
+             {"name": "web", "image": "nginx:1.25.3"},
+             {"name": "app", "image": "ghcr.io/acme/storefront:2.3.1"},
+         ]}},
+    {"metadata": {"name": "cache", "namespace": "shop"},
+     "spec": {"containers": [{
+         "name": "redis",
+         "image": "redis:7.2@sha256:" + "3" * 64}]}},
+    {"metadata": {"name": "metrics", "namespace": "shop"},
+     "spec": {"containers": [
+         {"name": "exporter", "image": "quay.io/prometheus/node-exporter:v1.7.0"},
+         {"name": "typo", "image": "Prom/Statsd-Exporter:v0.26"},
+     ]}},
+    {"metadata": {"name": "legacy-app", "namespace": "legacy"},
+     "spec": {"containers": [{"name": "app", "image": "nginx:1.25.3"}]}},
+]
+
+
+def demo_config(registry_host: str) -> str:
+    return textwrap.dedent(
+        f"""\
+        # Written by `mirrorgate demo`: every upstream is mirrored on the local registry.
+        mirrors:
+          - upstream: docker.io
+            mirror: {registry_host}
+          - upstream: ghcr.io
+            mirror: {registry_host}/ghcr
+        skip: []
+        pullSecret: {{name: mirrorgate-pull}}
+        namespaces:
+          mode: optIn
+          exclude: [kube-system]
+        """
+    )
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole flow locally: API server, registry, webhook, pods (no cluster needed)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Start a real kube-apiserver + etcd and a real docker-registry on 127.0.0.1, run
+            `mirrorgate serve` with a fresh certificate, register it with the API server, create an
+            opted-in namespace and a few pods, and print what the API server stored: images before
+            and after, pull secrets, and the warnings a kubectl user would see.
+
+            Real: the API server, its admission chain, TLS, the stored objects, the registry.
+            Not real: there is no scheduler or kubelet, so pods are admitted and stored, never run
+            and never pulled.
+
+            Needs kube-apiserver and etcd: $KUBEBUILDER_ASSETS, or run scripts/control-plane-assets
+            once (builds and caches them); and Debian's docker-registry."""
+        ),
+    )
+    demo.add_argument("--keep", action="store_true",
+                      help="leave everything running and print a kubeconfig; Ctrl-C stops it")
+    demo.add_argument("--workdir", default=None,
+                      help="folder for configs, data and logs (default: a new temporary folder)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mirrorgate-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = sys.stdout
+    # SIGTERM stops the demo like Ctrl-C: everything started is stopped by the ExitStack.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with ExitStack() as stack:
+            _step(out, "starting kube-apiserver + etcd (real, v1.20)")
+            plane = stack.enter_context(ControlPlane(workdir / "control-plane"))
+            _step(out, "starting docker-registry as the mirror (real, plain HTTP on 127.0.0.1)")
+            password = secrets.token_urlsafe(18)
+            registry = stack.enter_context(
+                LocalRegistry(workdir / "registry", username="mirrorgate", password=password)
+            )
+            config_file = workdir / "mirrorgate.yaml"
+            config_file.write_text(demo_config(registry.host))
+            _step(out, f"starting mirrorgate serve with {config_file}")
+            webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file))
+            with plane.api_client() as api:
+                _run_demo(out, api, webhook, registry, password)
+            if args.keep:
+                out.write(
+                    f"\nEverything is still running. Try:\n"
+                    f"  export KUBECONFIG={plane.kubeconfig}\n"
+                    f"  kubectl get pods -A -o wide\n"
+                    f"  kubectl run demo -n shop --image=alpine:3.19\n"
+                    f"Logs and configs: {workdir}\nPress Ctrl-C to stop and clean up.\n"
+                )
+                out.flush()
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        out.write("\nstopped.\n")
+    except LocalClusterError as err:
+        print(f"mirrorgate demo: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out.write("Cleaned up: every process the demo started is stopped.\n")
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _step(out: Any, text: str) -> None:
+    out.write(f"==> {text}\n")
+    out.flush()
+
+
+def _run_demo(out: Any, api: Any, webhook: LocalWebhook, registry: LocalRegistry,
+              password: str) -> None:
+    import kubernetes.client as k
+
+    core = k.CoreV1Api(api)
+    admission = k.AdmissionregistrationV1Api(api)
+    _step(out, "registering the MutatingWebhookConfiguration (namespaces labelled "
+               f"{OPT_IN_LABEL}=true)")
+    admission.create_mutating_webhook_configuration(mutating_webhook_configuration(
+        "mirrorgate", url=webhook.url, ca_pem=webhook.ca_pem,
+        namespace_selector={"matchLabels": {OPT_IN_LABEL: "true"}},
+    ))
+    core.create_namespace({"metadata": {"name": "shop", "labels": {OPT_IN_LABEL: "true"}}})
+    core.create_namespace({"metadata": {"name": "legacy"}})
+    auth = base64.b64encode(f"mirrorgate:{password}".encode()).decode()
+    dockerconfig = {"auths": {registry.host: {"auth": auth}}}
+    core.create_namespaced_secret("shop", {
+        "metadata": {"name": "mirrorgate-pull"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(json.dumps(dockerconfig).encode()).decode()},
+    })
+    _step(out, "creating pods in 'shop' (opted in) and 'legacy' (not opted in)")
+    config = load_config(webhook.config_file)
+    rows: list[tuple[str, ...]] = []
+    warnings: list[str] = []
+    for manifest in DEMO_PODS:
+        before = {c["name"]: c["image"] for c in _all_containers(manifest["spec"])}
+        ns = manifest["metadata"]["namespace"]
+        for _attempt in range(50):
+            # The API server picks up a new webhook configuration within about a second.
+            probe, _, _ = core.create_namespaced_pod_with_http_info(ns, manifest, dry_run="All")
+            if ns != "shop" or _was_mutated(probe):
+                break
+            time.sleep(0.2)
+        stored, _, headers = core.create_namespaced_pod_with_http_info(ns, manifest)
+        warnings.extend(_warnings(headers))
+        stored_dict = api.sanitize_for_serialization(stored)
+        pull = ",".join(s["name"] for s in stored_dict["spec"].get("imagePullSecrets") or []) or "-"
+        for c in _all_containers(stored_dict["spec"]):
+            submitted = before[c["name"]]
+            why = (_WHY[decide_image(submitted, config).reason] if ns == "shop"
+                   else "namespace not opted in: never sent to the webhook")
+            rows.append((f"{ns}/{manifest['metadata']['name']}", _short(submitted),
+                         _short(c["image"]), pull, why))
+    out.write("\n" + _table(("POD", "IMAGE AS SUBMITTED", "IMAGE AS STORED", "PULL SECRETS", "WHY"),
+                            rows))
+    if warnings:
+        out.write("\nWarnings the API server returned to the client (as kubectl prints them):\n")
+        for w in warnings:
+            out.write(f"  Warning: {w}\n")
+    out.write(textwrap.dedent(
+        f"""
+        What happened: the API server sent each pod in 'shop' to mirrorgate, which rewrote its images
+        to the mirror {registry.host}, added the pull secret and recorded the originals in the
+        annotation mirrorgate.io/original-images. 'legacy' is not opted in, so the API server never
+        asked. There is no kubelet here: the pods are stored, not run, and nothing is pulled.
+        """
+    ))
+
+
+_WHY = {
+    "rewritten": "rewritten to the mirror",
+    "already-mirrored": "already on the mirror",
+    "skipped": "matches a skip glob",
+    "no-mirror": "no mirror configured for this registry",
+    "invalid": "invalid reference: left alone, warned",
+    "unmirrorable": "cannot be expressed on the mirror: left alone, warned",
+}
+
+
+def _short(image: str) -> str:
+    """Abbreviate a digest for the table: the full reference is in the stored pod."""
+    name, at, digest = image.partition("@")
+    if at and len(digest) > 19:
+        return f"{name}@{digest[:19]}..."
+    return image
+
+
+def _was_mutated(pod: Any) -> bool:
+    annotations = (pod.metadata.annotations or {}) if pod and pod.metadata else {}
+    return "mirrorgate.io/original-images" in annotations
+
+
+def _all_containers(spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    for fld in ("initContainers", "containers", "ephemeralContainers"):
+        yield from spec.get(fld) or []
+
+
+def _warnings(headers: Mapping[str, str]) -> list[str]:
+    """Decode ``Warning: 299 - "text"`` response headers (RFC 7234) into their texts."""
+    raw = headers.get("Warning") or headers.get("warning")
+    if not raw:
+        return []
+    return parse_warning_header(raw)
+
+
+def parse_warning_header(raw: str) -> list[str]:
+    out = []
+    i = 0
+    while True:
+        start = raw.find('"', i)
+        if start == -1:
+            return out
+        j = start + 1
+        text = []
+        while j < len(raw) and raw[j] != '"':
+            if raw[j] == "\\" and j + 1 < len(raw):
+                j += 1
+            text.append(raw[j])
+            j += 1
+        out.append("".join(text))
+        i = j + 1
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines) + "\n"
