@@ -1,7 +1,7 @@
 """Issue a CA and serving certificates for the webhook (ECDSA P-256).
 
-Standard library and ``cryptography`` only. IP-looking names become IP SANs; the first DNS name (else
-the first name) becomes the subject CN. Keys are returned as PEM bytes and never logged.
+Standard library and ``cryptography`` only. IP-looking names become IP SANs; the first DNS name
+(else the first name) becomes the subject CN. Keys are returned as PEM bytes and never logged.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def generate_ca(common_name: str = "mirrorgate-webhook-ca", *, days: int = DEFAULT_CA_DAYS) -> KeyPair:
+def generate_ca(
+    common_name: str = "mirrorgate-webhook-ca", *, days: int = DEFAULT_CA_DAYS
+) -> KeyPair:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
@@ -52,9 +54,15 @@ def generate_ca(common_name: str = "mirrorgate-webhook-ca", *, days: int = DEFAU
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -93,9 +101,15 @@ def issue_serving(ca: KeyPair, names: list[str], *, days: int = DEFAULT_SERVING_
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.commands import mirrorgate_exe
 from tests.pki import make_ca
 
 CONFIG = """\
@@ -26,10 +26,14 @@ pullSecret: {name: mirrorgate-pull}
 
 
 def mirrorgate(*args, stdin=None, env=None, timeout=30):
-    exe = shutil.which("mirrorgate")
-    assert exe, "the mirrorgate console script is not installed (pip install -e .)"
+    exe = mirrorgate_exe()
     return subprocess.run(
-        [exe, *map(str, args)], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+        [exe, *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -51,16 +55,35 @@ def test_rewrite_prints_one_line_per_image_in_order(config):
 
 
 def test_rewrite_json_explains_each_decision(config):
-    r = mirrorgate("rewrite", "--config", config, "--json", "nginx", "registry.example.org/x/y:1",
-                   "registry.example.org/ghcr/x/y:1")
+    r = mirrorgate(
+        "rewrite",
+        "--config",
+        config,
+        "--json",
+        "nginx",
+        "registry.example.org/x/y:1",
+        "registry.example.org/ghcr/x/y:1",
+    )
     assert r.returncode == 0
     assert json.loads(r.stdout) == [
-        {"input": "nginx", "normalized": "docker.io/library/nginx",
-         "rewritten": "127.0.0.1:31000/library/nginx", "reason": "rewritten"},
-        {"input": "registry.example.org/x/y:1", "normalized": "registry.example.org/x/y:1",
-         "rewritten": "registry.example.org/x/y:1", "reason": "skipped"},
-        {"input": "registry.example.org/ghcr/x/y:1", "normalized": "registry.example.org/ghcr/x/y:1",
-         "rewritten": "registry.example.org/ghcr/x/y:1", "reason": "already-mirrored"},
+        {
+            "input": "nginx",
+            "normalized": "docker.io/library/nginx",
+            "rewritten": "127.0.0.1:31000/library/nginx",
+            "reason": "rewritten",
+        },
+        {
+            "input": "registry.example.org/x/y:1",
+            "normalized": "registry.example.org/x/y:1",
+            "rewritten": "registry.example.org/x/y:1",
+            "reason": "skipped",
+        },
+        {
+            "input": "registry.example.org/ghcr/x/y:1",
+            "normalized": "registry.example.org/ghcr/x/y:1",
+            "rewritten": "registry.example.org/ghcr/x/y:1",
+            "reason": "already-mirrored",
+        },
     ]
 
 
@@ -68,7 +91,9 @@ def test_rewrite_of_an_invalid_reference_errors_for_that_input_and_exits_1(confi
     r = mirrorgate("rewrite", "--config", config, "nginx", "Bad/Repo:x", "redis")
     assert r.returncode == 1
     assert r.stdout.splitlines() == [
-        "127.0.0.1:31000/library/nginx", "Bad/Repo:x", "127.0.0.1:31000/library/redis",
+        "127.0.0.1:31000/library/nginx",
+        "Bad/Repo:x",
+        "127.0.0.1:31000/library/redis",
     ]
     assert "Bad/Repo:x" in r.stderr and "lowercase" in r.stderr
 
@@ -76,21 +101,29 @@ def test_rewrite_of_an_invalid_reference_errors_for_that_input_and_exits_1(confi
 def test_rewrite_reads_images_from_stdin(config):
     r = mirrorgate("rewrite", "--config", config, "-", stdin="nginx\n\nalpine:3\n")
     assert r.stdout.splitlines() == [
-        "127.0.0.1:31000/library/nginx", "127.0.0.1:31000/library/alpine:3",
+        "127.0.0.1:31000/library/nginx",
+        "127.0.0.1:31000/library/alpine:3",
     ]
 
 
 def test_a_broken_config_exits_2_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("mirrors:\n  - {upstream: docker.io, mirror: ok.io}\n  - {upstream: ghcr.io, mirror: 'https://x'}\n")
+    bad.write_text(
+        "mirrors:\n  - {upstream: docker.io, mirror: ok.io}\n  - {upstream: ghcr.io, mirror: 'https://x'}\n"
+    )
     r = mirrorgate("rewrite", "--config", bad, "nginx")
     assert r.returncode == 2
     assert "mirrors[1].mirror" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_missing_config_says_how_to_pass_one(tmp_path):
-    r = subprocess.run([shutil.which("mirrorgate"), "rewrite", "nginx"], cwd=tmp_path,
-                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"} | _pyenv())
+    r = subprocess.run(
+        [mirrorgate_exe(), "rewrite", "nginx"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"} | _pyenv(),
+    )
     assert r.returncode == 2 and "--config" in r.stderr
 
 
@@ -104,7 +137,8 @@ def test_review_of_a_pod_manifest_prints_the_response_and_the_patched_pod(config
     manifest = tmp_path / "pod.yaml"
     manifest.write_text(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n"
-        "spec:\n  containers:\n  - {name: app, image: 'nginx:1.25'}\n  - {name: bad, image: 'UPPER:1'}\n"
+        "spec:\n  containers:\n  - {name: app, image: 'nginx:1.25'}\n"
+        "  - {name: bad, image: 'UPPER:1'}\n"
     )
     r = mirrorgate("review", "--config", config, manifest)
     assert r.returncode == 0, r.stderr
@@ -117,10 +151,16 @@ def test_review_of_a_pod_manifest_prints_the_response_and_the_patched_pod(config
 
 def test_review_reads_an_admission_review_as_json_from_stdin(config):
     body = {
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {"uid": "u-9", "kind": {"kind": "Pod"}, "resource": {"resource": "pods"},
-                    "operation": "CREATE", "namespace": "kube-system",
-                    "object": {"kind": "Pod", "spec": {"containers": [{"name": "a", "image": "nginx"}]}}},
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-9",
+            "kind": {"kind": "Pod"},
+            "resource": {"resource": "pods"},
+            "operation": "CREATE",
+            "namespace": "kube-system",
+            "object": {"kind": "Pod", "spec": {"containers": [{"name": "a", "image": "nginx"}]}},
+        },
     }
     r = mirrorgate("review", "--config", config, "-o", "json", "-", stdin=json.dumps(body))
     out = json.loads(r.stdout)
@@ -146,14 +186,32 @@ def test_serve_refuses_to_start_on_a_bad_config(tmp_path):
     issued = ca.issue(tmp_path / "tls")
     bad = tmp_path / "bad.yaml"
     bad.write_text("namespaces: {mode: sometimes}\n")
-    r = mirrorgate("serve", "--config", bad, "--tls-cert", issued.cert_file,
-                   "--tls-key", issued.key_file, "--listen", f"127.0.0.1:{free_port()}")
+    r = mirrorgate(
+        "serve",
+        "--config",
+        bad,
+        "--tls-cert",
+        issued.cert_file,
+        "--tls-key",
+        issued.key_file,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
     assert r.returncode == 2 and "namespaces.mode" in r.stderr
 
 
 def test_serve_refuses_a_missing_certificate(config, tmp_path):
-    r = mirrorgate("serve", "--config", config, "--tls-cert", tmp_path / "none.crt",
-                   "--tls-key", tmp_path / "none.key", "--listen", f"127.0.0.1:{free_port()}")
+    r = mirrorgate(
+        "serve",
+        "--config",
+        config,
+        "--tls-cert",
+        tmp_path / "none.crt",
+        "--tls-key",
+        tmp_path / "none.key",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
     assert r.returncode == 2 and "none.crt" in r.stderr and "cannot read" in r.stderr
 
 
@@ -165,10 +223,22 @@ def test_serve_answers_logs_json_and_stops_cleanly_on_sigterm(config, tmp_path):
     issued = ca.issue(tmp_path / "tls")
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
-        [shutil.which("mirrorgate"), "serve", "--config", str(config), "--tls-cert",
-         str(issued.cert_file), "--tls-key", str(issued.key_file), "--listen", f"127.0.0.1:{port}",
-         "--metrics-listen", f"127.0.0.1:{mport}"],
-        stderr=subprocess.PIPE, text=True,
+        [
+            mirrorgate_exe(),
+            "serve",
+            "--config",
+            str(config),
+            "--tls-cert",
+            str(issued.cert_file),
+            "--tls-key",
+            str(issued.key_file),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            f"127.0.0.1:{mport}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         ctx = ssl.create_default_context(cadata=ca.pem.decode())
@@ -202,6 +272,10 @@ def test_help_explains_every_command():
 
 
 def test_python_dash_m_runs_the_same_cli(config):
-    r = subprocess.run([sys.executable, "-m", "webhook.cli", "rewrite", "--config", str(config), "nginx"],
-                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-m", "webhook.cli", "rewrite", "--config", str(config), "nginx"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     assert r.stdout.strip() == "127.0.0.1:31000/library/nginx"

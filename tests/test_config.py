@@ -61,7 +61,8 @@ def test_kube_system_is_excluded_even_when_the_config_omits_it():
             id="a mirror with a scheme is rejected",
         ),
         pytest.param(
-            "mirrors: [{upstream: docker.io, mirror: reg.example.org}, {upstream: ghcr.io, mirror: 'Bad Host'}]",
+            "mirrors: [{upstream: docker.io, mirror: reg.example.org},"
+            " {upstream: ghcr.io, mirror: 'Bad Host'}]",
             "mirrors[1].mirror:",
             id="the index of the bad mirror is named",
         ),
@@ -71,7 +72,8 @@ def test_kube_system_is_excluded_even_when_the_config_omits_it():
             id="an upstream with a scheme is rejected",
         ),
         pytest.param(
-            "mirrors: [{upstream: docker.io}]", "mirrors[0].mirror: required",
+            "mirrors: [{upstream: docker.io}]",
+            "mirrors[0].mirror: required",
             id="a mirror entry without a mirror is named",
         ),
         pytest.param(
@@ -84,18 +86,23 @@ def test_kube_system_is_excluded_even_when_the_config_omits_it():
             "mirrors[1].upstream: 'docker.io' is already mapped by mirrors[0]",
             id="a duplicate upstream is rejected",
         ),
-        pytest.param("skip: ['reg.io/[abc']", "skip[0]:", id="an unclosed bracket in a glob is rejected"),
+        pytest.param(
+            "skip: ['reg.io/[abc']", "skip[0]:", id="an unclosed bracket in a glob is rejected"
+        ),
         pytest.param("skip: 'reg.io/*'", "skip: must be a list", id="skip as a string is rejected"),
         pytest.param(
-            "pullSecret: {name: Bad_Name}", "pullSecret.name: 'Bad_Name' is not a valid Secret name",
+            "pullSecret: {name: Bad_Name}",
+            "pullSecret.name: 'Bad_Name' is not a valid Secret name",
             id="an invalid secret name is rejected",
         ),
         pytest.param(
-            "namespaces: {mode: everywhere}", "namespaces.mode: 'everywhere' is not one of optIn, clusterWide",
+            "namespaces: {mode: everywhere}",
+            "namespaces.mode: 'everywhere' is not one of optIn, clusterWide",
             id="an unknown namespace mode lists the allowed values",
         ),
         pytest.param(
-            "namespaces: {exclude: [Kube_System]}", "namespaces.exclude[0]:",
+            "namespaces: {exclude: [Kube_System]}",
+            "namespaces.exclude[0]:",
             id="an invalid namespace name in exclude is rejected",
         ),
         pytest.param("mirrors: [a: b", "not valid YAML at line", id="broken YAML says where"),
@@ -132,9 +139,13 @@ def test_a_missing_file_is_reported_with_its_path(tmp_path):
     ("image", "expected_upstream"),
     [
         pytest.param("nginx", "docker.io", id="a docker hub short name matches docker.io"),
-        pytest.param("ghcr.io/org/team/app:1", "ghcr.io/org/team", id="the longest upstream prefix wins"),
+        pytest.param(
+            "ghcr.io/org/team/app:1", "ghcr.io/org/team", id="the longest upstream prefix wins"
+        ),
         pytest.param("ghcr.io/org/other", "ghcr.io", id="a domain upstream covers other paths"),
-        pytest.param("ghcr.io/organisation/x", "ghcr.io", id="a prefix matches whole path components only"),
+        pytest.param(
+            "ghcr.io/organisation/x", "ghcr.io", id="a prefix matches whole path components only"
+        ),
         pytest.param("quay.io/x/y", "*", id="the catch-all takes what nothing else matches"),
     ],
 )

@@ -74,22 +74,52 @@ def apply(obj, response):
 @pytest.mark.parametrize(
     ("image", "reason", "result"),
     [
-        pytest.param("nginx:1.25", "rewritten", "127.0.0.1:31000/library/nginx:1.25",
-                     id="a docker hub short name gets the mirror and library path"),
-        pytest.param("nginx", "rewritten", "127.0.0.1:31000/library/nginx",
-                     id="no implicit latest tag is added"),
-        pytest.param(f"nginx@{DIGEST}", "rewritten", f"127.0.0.1:31000/library/nginx@{DIGEST}",
-                     id="a digest is kept"),
-        pytest.param(f"nginx:1.25@{DIGEST}", "rewritten", f"127.0.0.1:31000/library/nginx:1.25@{DIGEST}",
-                     id="tag and digest are both kept"),
-        pytest.param("ghcr.io/org/app:v2", "rewritten", "registry.example.org/ghcr/org/app:v2",
-                     id="a mirror path prefix is put before the repository path"),
-        pytest.param("registry.example.org/ghcr/org/app:v2", "already-mirrored",
-                     "registry.example.org/ghcr/org/app:v2", id="an image already on a mirror is left"),
-        pytest.param("127.0.0.1:31000/library/nginx:1.25", "already-mirrored",
-                     "127.0.0.1:31000/library/nginx:1.25", id="a mirrored docker hub image is left"),
+        pytest.param(
+            "nginx:1.25",
+            "rewritten",
+            "127.0.0.1:31000/library/nginx:1.25",
+            id="a docker hub short name gets the mirror and library path",
+        ),
+        pytest.param(
+            "nginx",
+            "rewritten",
+            "127.0.0.1:31000/library/nginx",
+            id="no implicit latest tag is added",
+        ),
+        pytest.param(
+            f"nginx@{DIGEST}",
+            "rewritten",
+            f"127.0.0.1:31000/library/nginx@{DIGEST}",
+            id="a digest is kept",
+        ),
+        pytest.param(
+            f"nginx:1.25@{DIGEST}",
+            "rewritten",
+            f"127.0.0.1:31000/library/nginx:1.25@{DIGEST}",
+            id="tag and digest are both kept",
+        ),
+        pytest.param(
+            "ghcr.io/org/app:v2",
+            "rewritten",
+            "registry.example.org/ghcr/org/app:v2",
+            id="a mirror path prefix is put before the repository path",
+        ),
+        pytest.param(
+            "registry.example.org/ghcr/org/app:v2",
+            "already-mirrored",
+            "registry.example.org/ghcr/org/app:v2",
+            id="an image already on a mirror is left",
+        ),
+        pytest.param(
+            "127.0.0.1:31000/library/nginx:1.25",
+            "already-mirrored",
+            "127.0.0.1:31000/library/nginx:1.25",
+            id="a mirrored docker hub image is left",
+        ),
         pytest.param("busybox:1.36", "skipped", "busybox:1.36", id="a skip glob leaves the image"),
-        pytest.param("quay.io/x/y:1", "no-mirror", "quay.io/x/y:1", id="an unmatched registry is left"),
+        pytest.param(
+            "quay.io/x/y:1", "no-mirror", "quay.io/x/y:1", id="an unmatched registry is left"
+        ),
         pytest.param("NGINX:1", "invalid", "NGINX:1", id="an invalid reference is never rewritten"),
     ],
 )
@@ -101,7 +131,10 @@ def test_image_decisions(image, reason, result):
 
 def test_every_container_kind_is_rewritten_and_originals_recorded():
     obj = pod(
-        containers=[{"name": "app", "image": "nginx:1.25"}, {"name": "side", "image": "ghcr.io/o/s:1"}],
+        containers=[
+            {"name": "app", "image": "nginx:1.25"},
+            {"name": "side", "image": "ghcr.io/o/s:1"},
+        ],
         init=[{"name": "init", "image": "alpine:3.19"}],
     )
     result, resp = run(review(obj))
@@ -151,7 +184,8 @@ def test_an_existing_annotation_and_other_annotations_are_kept():
     stored = apply(obj, resp)
     assert stored["metadata"]["annotations"]["team"] == "a"
     assert json.loads(stored["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
-        "old": "x:1", "app": "nginx:1.25",
+        "old": "x:1",
+        "app": "nginx:1.25",
     }
 
 
@@ -175,8 +209,11 @@ def test_warnings_stay_printable_and_bounded_for_hostile_images():
 
 @pytest.mark.parametrize(
     "namespace",
-    [pytest.param("kube-system", id="kube-system"), pytest.param("legacy", id="a configured exclude"),
-     pytest.param("mirrorgate", id="the webhook's own namespace")],
+    [
+        pytest.param("kube-system", id="kube-system"),
+        pytest.param("legacy", id="a configured exclude"),
+        pytest.param("mirrorgate", id="the webhook's own namespace"),
+    ],
 )
 def test_excluded_namespaces_are_allowed_unchanged(namespace):
     result, resp = run(review(pod(), namespace=namespace))
@@ -192,9 +229,13 @@ def test_a_pod_annotated_skip_is_allowed_unchanged_with_a_warning():
 
 
 def test_update_rewrites_only_a_changed_image_and_never_touches_pull_secrets():
-    old = pod(containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"},
-                          {"name": "legacy", "image": "redis:6"}],
-              secrets=[{"name": "mirrorgate-pull"}])
+    old = pod(
+        containers=[
+            {"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"},
+            {"name": "legacy", "image": "redis:6"},
+        ],
+        secrets=[{"name": "mirrorgate-pull"}],
+    )
     new = copy.deepcopy(old)
     new["spec"]["containers"][0]["image"] = "nginx:1.26"
     _, resp = run(review(new, operation="UPDATE", old=old))
@@ -218,26 +259,35 @@ def test_update_of_a_pod_without_the_pull_secret_leaves_images_and_warns():
 
 
 def test_ephemeral_container_in_a_whole_pod_subresource_update_is_rewritten():
-    old = pod(secrets=[{"name": "mirrorgate-pull"}],
-              containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"}])
+    old = pod(
+        secrets=[{"name": "mirrorgate-pull"}],
+        containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"}],
+    )
     new = copy.deepcopy(old)
-    new["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox:latest"},
-                                          {"name": "shell", "image": "alpine:3"}]
+    new["spec"]["ephemeralContainers"] = [
+        {"name": "debug", "image": "busybox:latest"},
+        {"name": "shell", "image": "alpine:3"},
+    ]
     _, resp = run(review(new, operation="UPDATE", old=old, sub="ephemeralcontainers"))
     stored = apply(new, resp)
     assert [c["image"] for c in stored["spec"]["ephemeralContainers"]] == [
-        "busybox:latest", "127.0.0.1:31000/library/alpine:3",
+        "busybox:latest",
+        "127.0.0.1:31000/library/alpine:3",
     ]
 
 
 def test_kubernetes_1_20_ephemeral_containers_object_is_rewritten():
     obj = {
-        "apiVersion": "v1", "kind": "EphemeralContainers",
+        "apiVersion": "v1",
+        "kind": "EphemeralContainers",
         "metadata": {"name": "web", "namespace": "team-a"},
         "ephemeralContainers": [{"name": "debug", "image": "alpine:3"}],
     }
-    _, resp = run(review(obj, operation="UPDATE", old=None, kind="EphemeralContainers",
-                         sub="ephemeralcontainers"))
+    _, resp = run(
+        review(
+            obj, operation="UPDATE", old=None, kind="EphemeralContainers", sub="ephemeralcontainers"
+        )
+    )
     stored = apply(obj, resp)
     assert stored["ephemeralContainers"][0]["image"] == "127.0.0.1:31000/library/alpine:3"
     assert "metadata" in stored and "annotations" not in stored["metadata"]
@@ -264,13 +314,33 @@ def test_other_requests_are_allowed_unchanged(operation, kind, resource):
     [
         pytest.param(b"not json", "body is not JSON", id="a non-JSON body"),
         pytest.param(b"[1]", "not a JSON object", id="a JSON array"),
-        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
-                                 "request": {"uid": "x"}}).encode(), "apiVersion admission.k8s.io/v1",
-                     id="an AdmissionReview v1beta1"),
-        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
-                     "no request object", id="a review without request"),
-        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                                 "request": {"uid": ""}}).encode(), "request.uid", id="an empty uid"),
+        pytest.param(
+            json.dumps(
+                {
+                    "apiVersion": "admission.k8s.io/v1beta1",
+                    "kind": "AdmissionReview",
+                    "request": {"uid": "x"},
+                }
+            ).encode(),
+            "apiVersion admission.k8s.io/v1",
+            id="an AdmissionReview v1beta1",
+        ),
+        pytest.param(
+            json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),
+            "no request object",
+            id="a review without request",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {"uid": ""},
+                }
+            ).encode(),
+            "request.uid",
+            id="an empty uid",
+        ),
         pytest.param(b"{" + b" " * (3 * 1024 * 1024) + b"}", "exceeds", id="a body over 3 MiB"),
     ],
 )

@@ -48,10 +48,16 @@ def url(server, path):
 
 
 async def post(server, client_ssl, body, **kwargs):
-    async with aiohttp.ClientSession() as s, s.post(
-        url(server, "/mutate?timeout=10s"), data=body, ssl=client_ssl,
-        headers={"Content-Type": "application/json"}, **kwargs,
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            url(server, "/mutate?timeout=10s"),
+            data=body,
+            ssl=client_ssl,
+            headers={"Content-Type": "application/json"},
+            **kwargs,
+        ) as r,
+    ):
         return r.status, await r.read()
 
 
@@ -63,8 +69,11 @@ async def test_a_pod_review_is_answered_with_a_patch_over_tls(served, client_ssl
     assert doc["apiVersion"] == "admission.k8s.io/v1" and doc["kind"] == "AdmissionReview"
     assert doc["response"]["uid"] == "abc-123" and doc["response"]["allowed"] is True
     patch = json.loads(base64.b64decode(doc["response"]["patch"]))
-    assert {"op": "replace", "path": "/spec/containers/0/image",
-            "value": "127.0.0.1:31000/library/nginx:1.25"} in patch
+    assert {
+        "op": "replace",
+        "path": "/spec/containers/0/image",
+        "value": "127.0.0.1:31000/library/nginx:1.25",
+    } in patch
     value = metrics.registry.get_sample_value(
         "mirrorgate_admission_requests_total",
         {"webhook": "mutate", "operation": "CREATE", "outcome": "mutated"},
@@ -84,11 +93,22 @@ async def test_probes_answer_ok(served, client_ssl):
     ("body", "reason"),
     [
         pytest.param(b"{not json", "body is not JSON", id="a body that is not JSON"),
-        pytest.param(json.dumps({"kind": "Pod"}).encode(), "expected kind AdmissionReview",
-                     id="a body that is not an AdmissionReview"),
-        pytest.param(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                                 "request": {"operation": "CREATE"}}).encode(),
-                     "request.uid", id="a review without request.uid"),
+        pytest.param(
+            json.dumps({"kind": "Pod"}).encode(),
+            "expected kind AdmissionReview",
+            id="a body that is not an AdmissionReview",
+        ),
+        pytest.param(
+            json.dumps(
+                {
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {"operation": "CREATE"},
+                }
+            ).encode(),
+            "request.uid",
+            id="a review without request.uid",
+        ),
         pytest.param(b"x" * (3 * 1024 * 1024 + 10), "exceeds", id="a body over 3 MiB"),
     ],
 )
@@ -160,9 +180,11 @@ async def test_a_certificate_swapped_on_disk_is_served_without_dropping_requests
 
     # A keep-alive connection opened before the swap keeps working after it.
     async with aiohttp.ClientSession() as session:
+
         async def one(uid):
-            async with session.post(url(server, "/mutate"), data=review(pod(), uid=uid),
-                                    ssl=client_ssl) as r:
+            async with session.post(
+                url(server, "/mutate"), data=review(pod(), uid=uid), ssl=client_ssl
+            ) as r:
                 return r.status
 
         stop = asyncio.Event()
@@ -177,7 +199,7 @@ async def test_a_certificate_swapped_on_disk_is_served_without_dropping_requests
         task = asyncio.create_task(load())
         await asyncio.sleep(0.05)
         serials = []
-        for n in range(3):
+        for _ in range(3):
             issued = ca.issue(tmp_path / "serving")  # overwrite the served files
             assert tls.reload_if_changed() is True
             serials.append(tls_serial(issued.cert_pem))
@@ -194,7 +216,9 @@ def tls_serial(pem):
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
-async def test_a_broken_pair_on_disk_keeps_the_running_certificate(served, pki, client_ssl, tmp_path):
+async def test_a_broken_pair_on_disk_keeps_the_running_certificate(
+    served, pki, client_ssl, tmp_path
+):
     server, tls, _ = served
     ca, first = pki
     other = ca.issue(tmp_path / "other")
@@ -235,5 +259,8 @@ async def test_metrics_are_served_in_prometheus_format(aiohttp_client):
     r = await client.get("/metrics")
     text = await r.text()
     assert r.status == 200
-    assert 'mirrorgate_admission_requests_total{operation="CREATE",outcome="mutated",webhook="mutate"} 1.0' in text
+    assert (
+        "mirrorgate_admission_requests_total"
+        '{operation="CREATE",outcome="mutated",webhook="mutate"} 1.0' in text
+    )
     assert 'mirrorgate_build_info{version="0.1.0"} 1.0' in text

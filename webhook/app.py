@@ -1,7 +1,8 @@
 """The aiohttp applications: the admission server (``/mutate``, probes) and the metrics server.
 
-``create_app`` is what both ``mirrorgate serve`` and the tests call. Decisions live in the pure modules;
-this module reads bodies, maps errors to HTTP statuses, logs one line per admission and counts it.
+``create_app`` is what both ``mirrorgate serve`` and the tests call. Decisions live in the pure
+modules; this module reads bodies, maps errors to HTTP statuses, logs one line per admission and
+counts it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
 from webhook.logs import get_logger
 from webhook.metrics import Metrics
-from webhook.reviews import MAX_BODY_BYTES, BadReviewError, ReviewResult, parse_review, review_mutation
+from webhook.reviews import (
+    MAX_BODY_BYTES,
+    BadReviewError,
+    ReviewResult,
+    parse_review,
+    review_mutation,
+)
 
 log = get_logger("admission")
 
@@ -92,9 +99,7 @@ async def handle_mutate(request: web.Request) -> web.Response:
         result = review_mutation(req, settings.config, own_namespace=settings.own_namespace)
     except Exception:
         metrics.admission_requests.labels("mutate", operation, "error").inc()
-        log.exception(
-            "internal error while reviewing", extra={"fields": {"uid": req.uid}}
-        )
+        log.exception("internal error while reviewing", extra={"fields": {"uid": req.uid}})
         return web.Response(status=500, text=f"internal error reviewing uid {req.uid}\n")
 
     elapsed = time.perf_counter() - started

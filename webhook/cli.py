@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             Make a self-hosted registry the source of truth for a Kubernetes cluster: an admission
             webhook rewrites every Pod image to your registry mirror and injects its pull secret.
 
-            Start with `mirrorgate demo` (a local API server, registry and webhook; no cluster needed),
-            check images with `mirrorgate rewrite`, and manifests with `mirrorgate review`."""
+            Start with `mirrorgate demo` (a local API server, registry and webhook; no cluster
+            needed), check images with `mirrorgate rewrite`, and manifests with `mirrorgate
+            review`."""
         ),
         epilog="Exit codes: 0 ok, 1 a problem was found, 2 unusable input (config, flags, files).",
     )
@@ -81,13 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help=CONFIG_HELP)
     serve.add_argument("--tls-cert", required=True, help="PEM serving certificate (chain)")
     serve.add_argument("--tls-key", required=True, help="PEM private key of --tls-cert")
-    serve.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT for HTTPS (default %(default)s)")
     serve.add_argument(
-        "--metrics-listen", default="0.0.0.0:9090",
+        "--listen", default="0.0.0.0:8443", help="HOST:PORT for HTTPS (default %(default)s)"
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        default="0.0.0.0:9090",
         help="HOST:PORT for plain-HTTP /metrics (default %(default)s); 'off' disables it",
     )
     serve.add_argument(
-        "--cert-reload-interval", type=float, default=10.0, metavar="SECONDS",
+        "--cert-reload-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
         help="how often to check the certificate files for changes (default %(default)s)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -104,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
             An invalid reference also prints an error on stderr and makes the exit code 1.
             '-' reads images from standard input, one per line.
 
-            example: mirrorgate rewrite --config mirrorgate.yaml nginx:1.25 ghcr.io/org/app@sha256:..."""
+            example: mirrorgate rewrite --config mirrorgate.yaml nginx:1.25
+            ghcr.io/org/app@sha256:..."""
         ),
     )
     rewrite.add_argument("--config", default=None, help=CONFIG_HELP)
-    rewrite.add_argument("--json", action="store_true",
-                         help="print [{input, normalized, rewritten, reason}] instead")
+    rewrite.add_argument(
+        "--json", action="store_true", help="print [{input, normalized, rewritten, reason}] instead"
+    )
     rewrite.add_argument("images", nargs="+", metavar="IMAGE")
     rewrite.set_defaults(func=cmd_rewrite)
 
@@ -127,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     review.add_argument("--config", default=None, help=CONFIG_HELP)
-    review.add_argument("--namespace", default=None,
-                        help="namespace for a Pod manifest without metadata.namespace (default: default)")
+    review.add_argument(
+        "--namespace",
+        default=None,
+        help="namespace for a Pod manifest without metadata.namespace (default: default)",
+    )
     review.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
     review.add_argument("file", metavar="FILE")
     review.set_defaults(func=cmd_review)
@@ -217,7 +229,9 @@ def _read_manifest(path: str) -> Any:
     except yaml.YAMLError as err:
         raise UsageError(f"{path} is neither YAML nor JSON: {str(err).splitlines()[0]}") from err
     if len(docs) != 1:
-        raise UsageError(f"{path}: expected exactly one document (a Pod or an AdmissionReview), got {len(docs)}")
+        raise UsageError(
+            f"{path}: expected exactly one document (a Pod or an AdmissionReview), got {len(docs)}"
+        )
     return docs[0]
 
 
@@ -258,7 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     listen = parse_listen(args.listen, "--listen")
     metrics_listen = (
-        None if args.metrics_listen == "off" else parse_listen(args.metrics_listen, "--metrics-listen")
+        None
+        if args.metrics_listen == "off"
+        else parse_listen(args.metrics_listen, "--metrics-listen")
     )
     try:
         return asyncio.run(
@@ -299,7 +315,9 @@ async def _serve(
         metrics.certificate_reloads.labels("loaded").inc()
 
     tls = ReloadingTLS(
-        cert, key, on_load=record_cert,
+        cert,
+        key,
+        on_load=record_cert,
         on_error=lambda: metrics.certificate_reloads.labels("failed").inc(),
     )
     own_namespace = os.environ.get("POD_NAMESPACE", DEFAULT_OWN_NAMESPACE)
@@ -321,13 +339,15 @@ async def _serve(
 
     log.info(
         "serving",
-        extra={"fields": {
-            "listen": f"{listen[0]}:{listen[1]}",
-            "metrics": f"{metrics_listen[0]}:{metrics_listen[1]}" if metrics_listen else None,
-            "own_namespace": own_namespace,
-            "mirrors": len(config.mirrors),
-            "version": __version__,
-        }},
+        extra={
+            "fields": {
+                "listen": f"{listen[0]}:{listen[1]}",
+                "metrics": f"{metrics_listen[0]}:{metrics_listen[1]}" if metrics_listen else None,
+                "own_namespace": own_namespace,
+                "mirrors": len(config.mirrors),
+                "version": __version__,
+            }
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,8 +1,9 @@
 """The one typed, validated model of ``mirrorgate.yaml``.
 
-Loading checks the whole file at once and raises a single ``ConfigError`` that lists every problem with
-its key path (``mirrors[1].mirror: ...``), so a broken config stops start-up before anything is served.
-Nothing here does I/O beyond reading the file, and nothing falls back silently on a bad value.
+Loading checks the whole file at once and raises a single ``ConfigError`` that lists every problem
+with its key path (``mirrors[1].mirror: ...``), so a broken config stops start-up before anything
+is served. Nothing here does I/O beyond reading the file, and nothing falls back silently on a bad
+value.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from webhook.images import (
     parse_mirror,
 )
 
-# Namespaces that are never mutated, whatever the config says: a webhook that touches kube-system can
-# break the control plane, and one that touches its own namespace can lock itself out after a restart.
+# Namespaces that are never mutated, whatever the config says: a webhook that touches kube-system
+# can break the control plane, and one that touches its own namespace can lock itself out after a
+# restart.
 ALWAYS_EXCLUDED = ("kube-system",)
 DEFAULT_OWN_NAMESPACE = "mirrorgate"
 CATCH_ALL = "*"
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 
 NamespaceMode = Literal["optIn", "clusterWide"]
 NAMESPACE_MODES: tuple[NamespaceMode, ...] = ("optIn", "clusterWide")
@@ -192,12 +196,17 @@ class _Validator:
             for key in ("upstream", "mirror"):
                 if key not in m:
                     self.fail(f"{path}.{key}", "required")
-            upstream = self.upstream(m.get("upstream"), f"{path}.upstream") if "upstream" in m else None
+            upstream = (
+                self.upstream(m.get("upstream"), f"{path}.upstream") if "upstream" in m else None
+            )
             mirror = self.mirror(m.get("mirror"), f"{path}.mirror") if "mirror" in m else None
             if upstream is None or mirror is None:
                 continue
             if upstream in seen:
-                self.fail(f"{path}.upstream", f"{upstream!r} is already mapped by mirrors[{seen[upstream]}]")
+                self.fail(
+                    f"{path}.upstream",
+                    f"{upstream!r} is already mapped by mirrors[{seen[upstream]}]",
+                )
                 continue
             seen[upstream] = i
             out.append(Mirror(upstream=upstream, mirror=mirror))
@@ -291,7 +300,9 @@ class _Validator:
             if name is None:
                 continue
             if not _DNS1123_LABEL.match(name):
-                self.fail(path, f"{name!r} is not a valid namespace name (lowercase RFC 1123 label)")
+                self.fail(
+                    path, f"{name!r} is not a valid namespace name (lowercase RFC 1123 label)"
+                )
                 continue
             if name not in exclude:
                 exclude.append(name)
@@ -301,7 +312,8 @@ class _Validator:
 def _glob_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a usable fnmatch glob, or None.
 
-    fnmatch never raises: it silently treats an unclosed ``[`` as a literal, so a typo would make a skip
+    fnmatch never raises: it silently treats an unclosed ``[`` as a literal, so a typo would make a
+    skip
     rule match nothing. Reject what would surprise the user instead.
     """
     if pattern != pattern.strip() or any(c.isspace() for c in pattern):

@@ -2,8 +2,9 @@
 
 Starts a real kube-apiserver + etcd and a real registry (see ``localcluster``), runs ``mirrorgate
 serve`` with a freshly issued certificate, registers it with a ``MutatingWebhookConfiguration``
-(``clientConfig.url`` + ``caBundle``), creates pods through the API server and shows what was stored.
-``LocalWebhook`` and ``mutating_webhook_configuration`` are shared with the end-to-end tests.
+(``clientConfig.url`` + ``caBundle``), creates pods through the API server and shows what was
+stored. ``LocalWebhook`` and ``mutating_webhook_configuration`` are shared with the end-to-end
+tests.
 """
 
 from __future__ import annotations
@@ -29,19 +30,26 @@ from types import TracebackType
 from typing import Any, Self
 
 from certs.pki import generate_ca, issue_serving
-from webhook.mutation import decide_image
 from webhook.config import load_config
 from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
+from webhook.mutation import decide_image
 
 OPT_IN_LABEL = "mirrorgate.io/enabled"
 SERVE_READY_TIMEOUT = 20.0
 
 
 class LocalWebhook:
-    """``mirrorgate serve`` as a child process on 127.0.0.1 with a CA and certificate made for it."""
+    """``mirrorgate serve`` as a child process on 127.0.0.1 with a CA and certificate made for
+    it."""
 
-    def __init__(self, work_dir: Path | str, config_file: Path | str, *,
-                 env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        work_dir: Path | str,
+        config_file: Path | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        log_level: str = "info",
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.config_file = Path(config_file)
         self.env = dict(env or {})
@@ -74,17 +82,30 @@ class LocalWebhook:
         self.port = port or self.port or free_port()
         self.metrics_port = self.metrics_port or free_port()
         argv = [
-            sys.executable, "-m", "webhook.cli", "serve",
-            "--config", str(self.config_file),
-            "--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file),
-            "--listen", f"127.0.0.1:{self.port}",
-            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-            "--log-level", self.log_level,
+            sys.executable,
+            "-m",
+            "webhook.cli",
+            "serve",
+            "--config",
+            str(self.config_file),
+            "--tls-cert",
+            str(self.cert_file),
+            "--tls-key",
+            str(self.key_file),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--metrics-listen",
+            f"127.0.0.1:{self.metrics_port}",
+            "--log-level",
+            self.log_level,
         ]
         log = self.log_file.open("ab")
         try:
             self._process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -140,8 +161,12 @@ class LocalWebhook:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
@@ -156,7 +181,8 @@ def mutating_webhook_configuration(
     timeout_seconds: int = 5,
     excluded_namespaces: Sequence[str] = ("kube-system",),
 ) -> dict[str, Any]:
-    """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to ``url``.
+    """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to
+    ``url``.
 
     The ``pods/ephemeralcontainers`` subresource must be named explicitly: ``pods`` alone does not
     match it. Excluded namespaces are also matched out here, by the ``kubernetes.io/metadata.name``
@@ -165,57 +191,83 @@ def mutating_webhook_configuration(
     selector: dict[str, Any] = json.loads(json.dumps(namespace_selector or {}))
     if excluded_namespaces:
         selector.setdefault("matchExpressions", []).append(
-            {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-             "values": list(excluded_namespaces)}
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "NotIn",
+                "values": list(excluded_namespaces),
+            }
         )
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "mirrorgate"}},
-        "webhooks": [{
-            "name": "mutate.mirrorgate.io",
-            "admissionReviewVersions": ["v1"],
-            "clientConfig": {
-                "url": url.rstrip("/") + "/mutate",
-                "caBundle": base64.b64encode(ca_pem).decode(),
-            },
-            "rules": [
-                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                 "resources": ["pods"], "scope": "Namespaced"},
-                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
-                 "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
-            ],
-            "namespaceSelector": selector,
-            "failurePolicy": failure_policy,
-            "matchPolicy": "Equivalent",
-            "reinvocationPolicy": reinvocation_policy,
-            "sideEffects": "None",
-            "timeoutSeconds": timeout_seconds,
-        }],
+        "webhooks": [
+            {
+                "name": "mutate.mirrorgate.io",
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": {
+                    "url": url.rstrip("/") + "/mutate",
+                    "caBundle": base64.b64encode(ca_pem).decode(),
+                },
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["pods"],
+                        "scope": "Namespaced",
+                    },
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["UPDATE"],
+                        "resources": ["pods/ephemeralcontainers"],
+                        "scope": "Namespaced",
+                    },
+                ],
+                "namespaceSelector": selector,
+                "failurePolicy": failure_policy,
+                "matchPolicy": "Equivalent",
+                "reinvocationPolicy": reinvocation_policy,
+                "sideEffects": "None",
+                "timeoutSeconds": timeout_seconds,
+            }
+        ],
     }
 
 
 # --- the demo ------------------------------------------------------------------------------------
 
 DEMO_PODS: list[dict[str, Any]] = [
-    {"metadata": {"name": "storefront", "namespace": "shop", "labels": {"app": "storefront"}},
-     "spec": {
-         "initContainers": [{"name": "migrate", "image": "ghcr.io/acme/storefront-migrations:2.3.1"}],
-         "containers": [
-             {"name": "web", "image": "nginx:1.25.3"},
-             {"name": "app", "image": "ghcr.io/acme/storefront:2.3.1"},
-         ]}},
-    {"metadata": {"name": "cache", "namespace": "shop"},
-     "spec": {"containers": [{
-         "name": "redis",
-         "image": "redis:7.2@sha256:" + "3" * 64}]}},
-    {"metadata": {"name": "metrics", "namespace": "shop"},
-     "spec": {"containers": [
-         {"name": "exporter", "image": "quay.io/prometheus/node-exporter:v1.7.0"},
-         {"name": "typo", "image": "Prom/Statsd-Exporter:v0.26"},
-     ]}},
-    {"metadata": {"name": "legacy-app", "namespace": "legacy"},
-     "spec": {"containers": [{"name": "app", "image": "nginx:1.25.3"}]}},
+    {
+        "metadata": {"name": "storefront", "namespace": "shop", "labels": {"app": "storefront"}},
+        "spec": {
+            "initContainers": [
+                {"name": "migrate", "image": "ghcr.io/acme/storefront-migrations:2.3.1"}
+            ],
+            "containers": [
+                {"name": "web", "image": "nginx:1.25.3"},
+                {"name": "app", "image": "ghcr.io/acme/storefront:2.3.1"},
+            ],
+        },
+    },
+    {
+        "metadata": {"name": "cache", "namespace": "shop"},
+        "spec": {"containers": [{"name": "redis", "image": "redis:7.2@sha256:" + "3" * 64}]},
+    },
+    {
+        "metadata": {"name": "metrics", "namespace": "shop"},
+        "spec": {
+            "containers": [
+                {"name": "exporter", "image": "quay.io/prometheus/node-exporter:v1.7.0"},
+                {"name": "typo", "image": "Prom/Statsd-Exporter:v0.26"},
+            ]
+        },
+    },
+    {
+        "metadata": {"name": "legacy-app", "namespace": "legacy"},
+        "spec": {"containers": [{"name": "app", "image": "nginx:1.25.3"}]},
+    },
 ]
 
 
@@ -257,15 +309,23 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
             once (builds and caches them); and Debian's docker-registry."""
         ),
     )
-    demo.add_argument("--keep", action="store_true",
-                      help="leave everything running and print a kubeconfig; Ctrl-C stops it")
-    demo.add_argument("--workdir", default=None,
-                      help="folder for configs, data and logs (default: a new temporary folder)")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave everything running and print a kubeconfig; Ctrl-C stops it",
+    )
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for configs, data and logs (default: a new temporary folder)",
+    )
     demo.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mirrorgate-demo-"))
+    workdir = (
+        Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mirrorgate-demo-"))
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     out = sys.stdout
     # SIGTERM stops the demo like Ctrl-C: everything started is stopped by the ExitStack.
@@ -317,27 +377,39 @@ def _step(out: Any, text: str) -> None:
     out.flush()
 
 
-def _run_demo(out: Any, api: Any, webhook: LocalWebhook, registry: LocalRegistry,
-              password: str) -> None:
+def _run_demo(
+    out: Any, api: Any, webhook: LocalWebhook, registry: LocalRegistry, password: str
+) -> None:
     import kubernetes.client as k
 
     core = k.CoreV1Api(api)
     admission = k.AdmissionregistrationV1Api(api)
-    _step(out, "registering the MutatingWebhookConfiguration (namespaces labelled "
-               f"{OPT_IN_LABEL}=true)")
-    admission.create_mutating_webhook_configuration(mutating_webhook_configuration(
-        "mirrorgate", url=webhook.url, ca_pem=webhook.ca_pem,
-        namespace_selector={"matchLabels": {OPT_IN_LABEL: "true"}},
-    ))
+    _step(
+        out,
+        f"registering the MutatingWebhookConfiguration (namespaces labelled {OPT_IN_LABEL}=true)",
+    )
+    admission.create_mutating_webhook_configuration(
+        mutating_webhook_configuration(
+            "mirrorgate",
+            url=webhook.url,
+            ca_pem=webhook.ca_pem,
+            namespace_selector={"matchLabels": {OPT_IN_LABEL: "true"}},
+        )
+    )
     core.create_namespace({"metadata": {"name": "shop", "labels": {OPT_IN_LABEL: "true"}}})
     core.create_namespace({"metadata": {"name": "legacy"}})
     auth = base64.b64encode(f"mirrorgate:{password}".encode()).decode()
     dockerconfig = {"auths": {registry.host: {"auth": auth}}}
-    core.create_namespaced_secret("shop", {
-        "metadata": {"name": "mirrorgate-pull"},
-        "type": "kubernetes.io/dockerconfigjson",
-        "data": {".dockerconfigjson": base64.b64encode(json.dumps(dockerconfig).encode()).decode()},
-    })
+    core.create_namespaced_secret(
+        "shop",
+        {
+            "metadata": {"name": "mirrorgate-pull"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {
+                ".dockerconfigjson": base64.b64encode(json.dumps(dockerconfig).encode()).decode()
+            },
+        },
+    )
     _step(out, "creating pods in 'shop' (opted in) and 'legacy' (not opted in)")
     config = load_config(webhook.config_file)
     rows: list[tuple[str, ...]] = []
@@ -357,24 +429,38 @@ def _run_demo(out: Any, api: Any, webhook: LocalWebhook, registry: LocalRegistry
         pull = ",".join(s["name"] for s in stored_dict["spec"].get("imagePullSecrets") or []) or "-"
         for c in _all_containers(stored_dict["spec"]):
             submitted = before[c["name"]]
-            why = (_WHY[decide_image(submitted, config).reason] if ns == "shop"
-                   else "namespace not opted in: never sent to the webhook")
-            rows.append((f"{ns}/{manifest['metadata']['name']}", _short(submitted),
-                         _short(c["image"]), pull, why))
-    out.write("\n" + _table(("POD", "IMAGE AS SUBMITTED", "IMAGE AS STORED", "PULL SECRETS", "WHY"),
-                            rows))
+            why = (
+                _WHY[decide_image(submitted, config).reason]
+                if ns == "shop"
+                else "namespace not opted in: never sent to the webhook"
+            )
+            rows.append(
+                (
+                    f"{ns}/{manifest['metadata']['name']}",
+                    _short(submitted),
+                    _short(c["image"]),
+                    pull,
+                    why,
+                )
+            )
+    out.write(
+        "\n" + _table(("POD", "IMAGE AS SUBMITTED", "IMAGE AS STORED", "PULL SECRETS", "WHY"), rows)
+    )
     if warnings:
         out.write("\nWarnings the API server returned to the client (as kubectl prints them):\n")
         for w in warnings:
             out.write(f"  Warning: {w}\n")
-    out.write(textwrap.dedent(
-        f"""
-        What happened: the API server sent each pod in 'shop' to mirrorgate, which rewrote its images
+    out.write(
+        textwrap.dedent(
+            f"""
+        What happened: the API server sent each pod in 'shop' to mirrorgate, which rewrote its
+        images
         to the mirror {registry.host}, added the pull secret and recorded the originals in the
         annotation mirrorgate.io/original-images. 'legacy' is not opted in, so the API server never
         asked. There is no kubelet here: the pods are stored, not run, and nothing is pulled.
         """
-    ))
+        )
+    )
 
 
 _WHY = {
@@ -433,6 +519,8 @@ def parse_warning_header(raw: str) -> list[str]:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     return "\n".join(lines) + "\n"

@@ -55,8 +55,9 @@ def cache_root() -> Path:
 
 
 def _has_assets(folder: Path) -> bool:
-    return all(os.access(folder / name, os.X_OK) and (folder / name).is_file()
-               for name in ASSET_BINARIES)
+    return all(
+        os.access(folder / name, os.X_OK) and (folder / name).is_file() for name in ASSET_BINARIES
+    )
 
 
 def find_assets() -> Path:
@@ -117,15 +118,24 @@ def _unverified_context() -> ssl.SSLContext:
 class _Process:
     """One child process, its log file, and how to stop it."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         try:
             self.popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=self._log,
-                stderr=subprocess.STDOUT, env=None if env is None else {**os.environ, **env},
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env},
             )
         except OSError as err:
             self._log.close()
@@ -157,8 +167,9 @@ class _Process:
             self._log.close()
 
 
-def _wait_until(ready: Callable[[], bool], *, what: str, timeout: float,
-                processes: Sequence[_Process]) -> None:
+def _wait_until(
+    ready: Callable[[], bool], *, what: str, timeout: float, processes: Sequence[_Process]
+) -> None:
     """Poll `ready()` until true; a dead process or the timeout raises LocalClusterError."""
     deadline = time.monotonic() + timeout
     while True:
@@ -167,15 +178,14 @@ def _wait_until(ready: Callable[[], bool], *, what: str, timeout: float,
         if ready():
             return
         if time.monotonic() > deadline:
-            tails = "\n".join(
-                f"--- {p.log_path}:\n{_log_tail(p.log_path)}" for p in processes
-            )
+            tails = "\n".join(f"--- {p.log_path}:\n{_log_tail(p.log_path)}" for p in processes)
             raise LocalClusterError(f"{what} not ready after {timeout:.0f}s\n{tails}")
         time.sleep(0.1)
 
 
-def _http_answers(url: str, *, headers: Mapping[str, str] | None = None,
-                  expect_ok: bool = False) -> bool:
+def _http_answers(
+    url: str, *, headers: Mapping[str, str] | None = None, expect_ok: bool = False
+) -> bool:
     """True when `url` gives an HTTP answer (any status, or only 2xx with expect_ok)."""
     request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
@@ -198,8 +208,14 @@ class ControlPlane:
     not `localhost`), so `url` uses 127.0.0.1. Every client made here verifies both.
     """
 
-    def __init__(self, work_dir: Path | str, *, assets: Path | None = None,
-                 start_timeout: float = 60.0, extra_apiserver_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        work_dir: Path | str,
+        *,
+        assets: Path | None = None,
+        start_timeout: float = 60.0,
+        extra_apiserver_args: Sequence[str] = (),
+    ) -> None:
         self.work_dir = Path(work_dir)
         self._assets = assets
         self.start_timeout = start_timeout
@@ -220,8 +236,9 @@ class ControlPlane:
     def add_user(self, name: str, groups: Sequence[str] = ()) -> str:
         """Register a token user (before start) and return its bearer token."""
         if self._apiserver is not None:
-            raise LocalClusterError("add_user() must be called before start(): "
-                                    "the API server reads its token file once")
+            raise LocalClusterError(
+                "add_user() must be called before start(): the API server reads its token file once"
+            )
         if not name or any(c in name for c in ',"\n') or name in self._users:
             raise LocalClusterError(f"invalid or duplicate user name {name!r}")
         if any(not g or any(c in g for c in ',"\n') for g in groups):
@@ -260,55 +277,81 @@ class ControlPlane:
     def _start_etcd(self, assets: Path) -> None:
         client_port, peer_port = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client_port}"
-        self._etcd = _Process("etcd", [
-            str(assets / "etcd"),
-            "--data-dir", str(self.work_dir / "etcd-data"),
-            "--listen-client-urls", self.etcd_url,
-            "--advertise-client-urls", self.etcd_url,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-        ], log_path=self.work_dir / "etcd.log")
-        _wait_until(lambda: _http_answers(f"{self.etcd_url}/health", expect_ok=True),
-                    what="etcd", timeout=self.start_timeout, processes=[self._etcd])
+        self._etcd = _Process(
+            "etcd",
+            [
+                str(assets / "etcd"),
+                "--data-dir",
+                str(self.work_dir / "etcd-data"),
+                "--listen-client-urls",
+                self.etcd_url,
+                "--advertise-client-urls",
+                self.etcd_url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+            ],
+            log_path=self.work_dir / "etcd.log",
+        )
+        _wait_until(
+            lambda: _http_answers(f"{self.etcd_url}/health", expect_ok=True),
+            what="etcd",
+            timeout=self.start_timeout,
+            processes=[self._etcd],
+        )
 
     def _start_apiserver(self, assets: Path) -> None:
         tokens_csv = self.work_dir / "tokens.csv"
         # token,user,uid[,"group1,group2"]: an empty fourth column would mean a group named "".
-        _write_private(tokens_csv, "".join(
-            f"{token},{name},{name}" + (f',"{",".join(groups)}"' if groups else "") + "\n"
-            for name, (token, groups) in self._users.items()
-        ))
+        _write_private(
+            tokens_csv,
+            "".join(
+                f"{token},{name},{name}" + (f',"{",".join(groups)}"' if groups else "") + "\n"
+                for name, (token, groups) in self._users.items()
+            ),
+        )
         sa_key = self.work_dir / "sa.key"
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        _write_private(sa_key, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        ))
+        _write_private(
+            sa_key,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            ),
+        )
         port = free_port()
         self.url = f"https://127.0.0.1:{port}"
-        self._apiserver = _Process("kube-apiserver", [
-            str(assets / "kube-apiserver"),
-            f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={port}",
-            "--insecure-port=0",
-            f"--cert-dir={self.cert_dir}",
-            f"--token-auth-file={tokens_csv}",
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            f"--service-account-key-file={sa_key}",
-            f"--service-account-signing-key-file={sa_key}",
-            "--allow-privileged=true",
-            # No controller-manager runs, so nothing would create the default ServiceAccount.
-            "--disable-admission-plugins=ServiceAccount",
-            "--feature-gates=EphemeralContainers=true",
-            *self.extra_apiserver_args,
-        ], log_path=self.work_dir / "kube-apiserver.log")
+        self._apiserver = _Process(
+            "kube-apiserver",
+            [
+                str(assets / "kube-apiserver"),
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                "--insecure-port=0",
+                f"--cert-dir={self.cert_dir}",
+                f"--token-auth-file={tokens_csv}",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={sa_key}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--allow-privileged=true",
+                # No controller-manager runs, so nothing would create the default ServiceAccount.
+                "--disable-admission-plugins=ServiceAccount",
+                "--feature-gates=EphemeralContainers=true",
+                *self.extra_apiserver_args,
+            ],
+            log_path=self.work_dir / "kube-apiserver.log",
+        )
         auth = {"Authorization": f"Bearer {self.admin_token}"}
-        _wait_until(lambda: _http_answers(f"{self.url}/readyz", headers=auth, expect_ok=True),
-                    what="kube-apiserver", timeout=self.start_timeout,
-                    processes=[self._etcd, self._apiserver] if self._etcd else [self._apiserver])
+        _wait_until(
+            lambda: _http_answers(f"{self.url}/readyz", headers=auth, expect_ok=True),
+            what="kube-apiserver",
+            timeout=self.start_timeout,
+            processes=[self._etcd, self._apiserver] if self._etcd else [self._apiserver],
+        )
         if not self.ca_file.is_file():
             raise LocalClusterError(f"kube-apiserver is ready but wrote no {self.ca_file}")
 
@@ -321,8 +364,12 @@ class ControlPlane:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     # clients ---------------------------------------------------------------------------------
@@ -345,11 +392,19 @@ class ControlPlane:
         document = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "mirrorgate-local", "cluster": {
-                "server": self.url, "certificate-authority": str(self.ca_file)}}],
+            "clusters": [
+                {
+                    "name": "mirrorgate-local",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
             "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "mirrorgate-local", "context": {
-                "cluster": "mirrorgate-local", "user": user}}],
+            "contexts": [
+                {
+                    "name": "mirrorgate-local",
+                    "context": {"cluster": "mirrorgate-local", "user": user},
+                }
+            ],
             "current-context": "mirrorgate-local",
         }
         path = Path(path)
@@ -369,8 +424,13 @@ def _htpasswd_line(username: str, password: str) -> str:
                 "(pip install bcrypt, or apt-get install apache2-utils)"
             ) from None
         # -i reads the password from stdin, so it never shows up in the process list.
-        result = subprocess.run([htpasswd, "-niB", "-C", "4", username], input=password,
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [htpasswd, "-niB", "-C", "4", username],
+            input=password,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode != 0:
             raise LocalClusterError(f"htpasswd failed: {result.stderr.strip()}") from None
         return result.stdout.strip()
@@ -388,11 +448,19 @@ class LocalRegistry:
     proxy upstream).
     """
 
-    def __init__(self, work_dir: Path | str, *, username: str | None = None,
-                 password: str | None = None, tls_cert: Path | str | None = None,
-                 tls_key: Path | str | None = None, port: int | None = None,
-                 extra_config: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        work_dir: Path | str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_cert: Path | str | None = None,
+        tls_key: Path | str | None = None,
+        port: int | None = None,
+        extra_config: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 15.0,
+    ) -> None:
         if (username is None) != (password is None):
             raise LocalClusterError("registry auth needs both username and password")
         if username is not None and ":" in username:
@@ -460,12 +528,20 @@ class LocalRegistry:
         _write_private(self.config_file, json.dumps(self._config(port), indent=2) + "\n")
         self.host = f"127.0.0.1:{port}"
         self.url = f"{'https' if self.tls_cert else 'http'}://{self.host}"
-        self._process = _Process("docker-registry", [binary, "serve", str(self.config_file)],
-                                 log_path=self.work_dir / "registry.log", env=self.env)
+        self._process = _Process(
+            "docker-registry",
+            [binary, "serve", str(self.config_file)],
+            log_path=self.work_dir / "registry.log",
+            env=self.env,
+        )
         try:
             # Any HTTP status (401 with auth) means it is serving.
-            _wait_until(lambda: _http_answers(f"{self.url}/v2/"), what="docker-registry",
-                        timeout=self.start_timeout, processes=[self._process])
+            _wait_until(
+                lambda: _http_answers(f"{self.url}/v2/"),
+                what="docker-registry",
+                timeout=self.start_timeout,
+                processes=[self._process],
+            )
         except BaseException:
             self.stop()
             raise
@@ -479,6 +555,10 @@ class LocalRegistry:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -1,7 +1,7 @@
 """Every Prometheus metric mirrorgate exposes, defined once on an injected CollectorRegistry.
 
-Label values are bounded: webhook and operation names, outcomes, configured upstreams and reasons. Never
-an image, pod or namespace chosen by a user at request time.
+Label values are bounded: webhook and operation names, outcomes, configured upstreams and reasons.
+Never an image, pod or namespace chosen by a user at request time.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class Metrics:
             registry=r,
         )
         build_info = Gauge(
-            "mirrorgate_build_info", "Always 1; the version label says what runs.", ["version"],
+            "mirrorgate_build_info",
+            "Always 1; the version label says what runs.",
+            ["version"],
             registry=r,
         )
         build_info.labels(version=__version__).set(1)

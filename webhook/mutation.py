@@ -1,8 +1,10 @@
-"""Pod in, mutated pod and warnings out: image rewriting, ``imagePullSecrets``, the originals annotation.
+"""Pod in, mutated pod and warnings out: image rewriting, ``imagePullSecrets``, the originals
+annotation.
 
-Pure: no HTTP, no Kubernetes client. The caller diffs the input against ``MutationResult.obj`` to build
-the JSON Patch, so this module only ever changes a deep copy and never writes patch paths by hand; a
-second pass over its own output changes nothing (``reinvocationPolicy: IfNeeded`` relies on that).
+Pure: no HTTP, no Kubernetes client. The caller diffs the input against ``MutationResult.obj``
+to build the JSON Patch, so this module only ever changes a deep copy and never writes patch paths
+by hand; a second pass over its own output changes nothing (``reinvocationPolicy: IfNeeded``
+relies on that).
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def decide_image(image: str, config: Config) -> ImageDecision:
     except InvalidReferenceError as err:
         # e.g. the mirror's path prefix pushes the repository past the 255-character limit.
         return ImageDecision(
-            input=image, reason="unmirrorable", normalized=normalized, upstream=mirror.upstream,
+            input=image,
+            reason="unmirrorable",
+            normalized=normalized,
+            upstream=mirror.upstream,
             detail=f"cannot be rewritten to mirror {mirror.mirror}: {err.reason or err}",
         )
     return ImageDecision(
@@ -113,11 +118,11 @@ def mutate_pod(
 ) -> MutationResult:
     """Rewrite the images of ``pod`` (a Pod object as the API server sends it).
 
-    CREATE rewrites every image and adds the pull secret. UPDATE (including the ``ephemeralcontainers``
-    subresource, which sends the whole Pod from Kubernetes 1.22 on) rewrites only images that differ from
-    ``old_pod``: rewriting an unchanged image would restart a running container on an unrelated edit, and
-    the API server forbids adding ``imagePullSecrets`` on update, so a pod without the secret keeps its
-    images.
+    CREATE rewrites every image and adds the pull secret. UPDATE (including the
+    ``ephemeralcontainers`` subresource, which sends the whole Pod from Kubernetes 1.22 on)
+    rewrites only images that differ from ``old_pod``: rewriting an unchanged image would restart a
+    running container on an unrelated edit, and the API server forbids adding ``imagePullSecrets``
+    on update, so a pod without the secret keeps its images.
     """
     out = copy.deepcopy(pod)
     result = MutationResult(obj=out)
@@ -172,7 +177,8 @@ def mutate_ephemeral_containers(obj: dict[str, Any], config: Config) -> Mutation
 
     That object carries only the ephemeral container list: the pod's ``imagePullSecrets`` and
     annotations are not part of it and the API server ignores anything but the list, so only images
-    change. Ephemeral containers can only be added, never changed, so existing ones keep their images
+    change. Ephemeral containers can only be added, never changed, so existing ones keep their
+    images
     as they were admitted.
     """
     out = copy.deepcopy(obj)
@@ -218,8 +224,10 @@ def _warnings_for(
             f"reference ({_reason_only(decision.detail)}); left unchanged"
         ]
     if decision.reason == "unmirrorable":
-        return [f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: "
-                f"{decision.detail}"]
+        return [
+            f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: "
+            f"{decision.detail}"
+        ]
     if decision.reason == "rewritten" and not may_rewrite:
         return [
             f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: the pod lacks "

@@ -1,8 +1,8 @@
 """AdmissionReview in, AdmissionReview response out: uid, JSON Patch, warnings, status.
 
-Pure: the HTTP handler hands over bytes and gets back a response document plus what happened, for logs
-and metrics. A malformed review raises ``BadReviewError`` (the API server's problem, HTTP 400); everything
-a user should know travels in ``warnings`` of an HTTP 200 answer.
+Pure: the HTTP handler hands over bytes and gets back a response document plus what happened, for
+logs and metrics. A malformed review raises ``BadReviewError`` (the API server's problem, HTTP
+400); everything a user should know travels in ``warnings`` of an HTTP 200 answer.
 """
 
 from __future__ import annotations

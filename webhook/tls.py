@@ -2,8 +2,9 @@
 
 Kubernetes updates mounted Secrets by swapping a symlink and sends no file events, so the files are
 polled and compared by digest. A new pair is first loaded into a scratch context: a half-written or
-mismatched pair is reported and the running certificate stays. The live ``SSLContext`` is then loaded in
-place, which affects only new handshakes; connections already open keep the certificate they started with.
+mismatched pair is reported and the running certificate stays. The live ``SSLContext`` is then
+loaded in place, which affects only new handshakes; connections already open keep the certificate
+they started with.
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ class ReloadingTLS:
         try:
             info, _ = inspect_pair(self.cert_file, self.key_file)
         except TLSConfigError as err:
-            log.error("certificate reload failed; still serving the previous one",
-                      extra={"fields": {"reason": str(err)}})
+            log.error(
+                "certificate reload failed; still serving the previous one",
+                extra={"fields": {"reason": str(err)}},
+            )
             if self._on_error:
                 self._on_error()
             return False

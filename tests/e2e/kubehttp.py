@@ -35,15 +35,26 @@ class KubeHTTP:
         self.token = token
         self.ctx = ssl.create_default_context(cafile=ca_file)
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                params: dict[str, str] | None = None,
-                content_type: str = "application/json") -> Reply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Reply:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            f"{self.url}{path}{query}", data=data, method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type,
-                     "Accept": "application/json"},
+            f"{self.url}{path}{query}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": content_type,
+                "Accept": "application/json",
+            },
         )
         try:
             with urllib.request.urlopen(req, context=self.ctx, timeout=30) as r:
@@ -64,8 +75,9 @@ class KubeHTTP:
         return self.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod, params=params)
 
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> Reply:
-        reply = self.request("POST", "/api/v1/namespaces",
-                             {"metadata": {"name": name, "labels": labels or {}}})
+        reply = self.request(
+            "POST", "/api/v1/namespaces", {"metadata": {"name": name, "labels": labels or {}}}
+        )
         assert reply.status == 201, reply.body
         return reply
 

@@ -104,10 +104,15 @@ def start_webhook(directory: Path) -> LocalWebhook:
 def webhook(kapi: KubeHTTP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWebhook]:
     wh = start_webhook(tmp_path_factory.mktemp("webhook"))
     name = "e2e-a-mirrorgate"
-    register(kapi, mutating_webhook_configuration(
-        name, url=wh.url, ca_pem=wh.ca_pem,
-        namespace_selector={"matchLabels": {OPT_IN: "true"}},
-    ))
+    register(
+        kapi,
+        mutating_webhook_configuration(
+            name,
+            url=wh.url,
+            ca_pem=wh.ca_pem,
+            namespace_selector={"matchLabels": {OPT_IN: "true"}},
+        ),
+    )
     probe = f"e2e-adm-probe-{next(_names)}"
     kapi.create_namespace(probe, {OPT_IN: "true"})
     try:
@@ -122,20 +127,31 @@ def test_a_pod_in_an_opted_in_namespace_is_stored_rewritten_with_secret_and_warn
     kapi, webhook, namespace
 ):
     ns = namespace(**{OPT_IN: "true"})
-    reply = kapi.create_pod(ns, pod(
-        "web", "nginx:1.25", f"ghcr.io/acme/api:2.1@{DIGEST}", "quay.io/other/x:1", "Bad/Name:1",
-        init=("alpine:3.19",),
-    ))
+    reply = kapi.create_pod(
+        ns,
+        pod(
+            "web",
+            "nginx:1.25",
+            f"ghcr.io/acme/api:2.1@{DIGEST}",
+            "quay.io/other/x:1",
+            "Bad/Name:1",
+            init=("alpine:3.19",),
+        ),
+    )
     assert reply.status == 201, reply.body
     stored = kapi.get(f"/api/v1/namespaces/{ns}/pods/web").body
     assert images(stored) == [
-        f"{MIRROR}/library/nginx:1.25", f"{MIRROR}/ghcr/acme/api:2.1@{DIGEST}",
-        "quay.io/other/x:1", "Bad/Name:1",
+        f"{MIRROR}/library/nginx:1.25",
+        f"{MIRROR}/ghcr/acme/api:2.1@{DIGEST}",
+        "quay.io/other/x:1",
+        "Bad/Name:1",
     ]
     assert images(stored, "initContainers") == [f"{MIRROR}/library/alpine:3.19"]
     assert stored["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}]
     assert originals(stored) == {
-        "c0": "nginx:1.25", "c1": f"ghcr.io/acme/api:2.1@{DIGEST}", "init0": "alpine:3.19",
+        "c0": "nginx:1.25",
+        "c1": f"ghcr.io/acme/api:2.1@{DIGEST}",
+        "init0": "alpine:3.19",
     }
     # What `kubectl apply` prints as "Warning: ...": the invalid reference, left alone.
     assert len(reply.warnings) == 1
@@ -150,17 +166,24 @@ def test_unlabelled_namespaces_and_kube_system_are_never_touched(kapi, webhook, 
 
     # Even a kube-system labelled for opt-in (a mistake) is left alone by the webhook itself.
     patch = {"metadata": {"labels": {OPT_IN: "true"}}}
-    labelled = kapi.request("PATCH", "/api/v1/namespaces/kube-system", patch,
-                            content_type="application/merge-patch+json")
+    labelled = kapi.request(
+        "PATCH",
+        "/api/v1/namespaces/kube-system",
+        patch,
+        content_type="application/merge-patch+json",
+    )
     assert labelled.status == 200
     try:
         reply = kapi.create_pod("kube-system", pod(f"sys-{next(_names)}", "nginx:1.25"))
         assert reply.status == 201 and images(reply.body) == ["nginx:1.25"]
         assert not reply.warnings
     finally:
-        kapi.request("PATCH", "/api/v1/namespaces/kube-system",
-                     {"metadata": {"labels": {OPT_IN: None}}},
-                     content_type="application/merge-patch+json")
+        kapi.request(
+            "PATCH",
+            "/api/v1/namespaces/kube-system",
+            {"metadata": {"labels": {OPT_IN: None}}},
+            content_type="application/merge-patch+json",
+        )
 
 
 def test_an_image_update_and_an_ephemeral_container_are_rewritten(kapi, webhook, namespace):
@@ -168,18 +191,29 @@ def test_an_image_update_and_an_ephemeral_container_are_rewritten(kapi, webhook,
     assert kapi.create_pod(ns, pod("web", "nginx:1.25", "redis:7")).status == 201
 
     patch = {"spec": {"containers": [{"name": "c0", "image": "nginx:1.26"}]}}
-    reply = kapi.request("PATCH", f"/api/v1/namespaces/{ns}/pods/web", patch,
-                         content_type="application/strategic-merge-patch+json")
+    reply = kapi.request(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/pods/web",
+        patch,
+        content_type="application/strategic-merge-patch+json",
+    )
     assert reply.status == 200, reply.body
     assert images(reply.body) == [f"{MIRROR}/library/nginx:1.26", f"{MIRROR}/library/redis:7"]
     assert originals(reply.body)["c0"] == "nginx:1.26"
 
     # kubectl debug on a 1.20 API server: PUT an EphemeralContainers object to the subresource.
     debug = {
-        "apiVersion": "v1", "kind": "EphemeralContainers",
+        "apiVersion": "v1",
+        "kind": "EphemeralContainers",
         "metadata": {"name": "web", "namespace": ns},
-        "ephemeralContainers": [{"name": "debugger", "image": "busybox:1.36",
-                                 "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"}],
+        "ephemeralContainers": [
+            {
+                "name": "debugger",
+                "image": "busybox:1.36",
+                "terminationMessagePolicy": "File",
+                "imagePullPolicy": "IfNotPresent",
+            }
+        ],
     }
     reply = kapi.request("PUT", f"/api/v1/namespaces/{ns}/pods/web/ephemeralcontainers", debug)
     assert reply.status == 200, reply.body
@@ -208,16 +242,28 @@ class SidecarInjector:
                 review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 req = review["request"]
                 names = [c["name"] for c in req["object"]["spec"]["containers"]]
-                patch = [] if "sidecar" in names else [{
-                    "op": "add", "path": "/spec/containers/-",
-                    "value": {"name": "sidecar", "image": SidecarInjector.IMAGE},
-                }]
+                patch = (
+                    []
+                    if "sidecar" in names
+                    else [
+                        {
+                            "op": "add",
+                            "path": "/spec/containers/-",
+                            "value": {"name": "sidecar", "image": SidecarInjector.IMAGE},
+                        }
+                    ]
+                )
                 response: dict[str, Any] = {"uid": req["uid"], "allowed": True}
                 if patch:
                     response["patchType"] = "JSONPatch"
                     response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
-                body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                                   "response": response}).encode()
+                body = json.dumps(
+                    {
+                        "apiVersion": "admission.k8s.io/v1",
+                        "kind": "AdmissionReview",
+                        "response": response,
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -246,10 +292,16 @@ def test_a_sidecar_added_by_a_later_webhook_is_rewritten_on_reinvocation_without
     injector = SidecarInjector(tmp_path / "sidecar")
     label = "e2e.mirrorgate.io/sidecar"
     name = "z-e2e-sidecar"  # sorts after the mirrorgate configuration: it runs second
-    register(kapi, mutating_webhook_configuration(
-        name, url=injector.url, ca_pem=injector.ca_pem, reinvocation_policy="Never",
-        namespace_selector={"matchLabels": {label: "true"}},
-    ))
+    register(
+        kapi,
+        mutating_webhook_configuration(
+            name,
+            url=injector.url,
+            ca_pem=injector.ca_pem,
+            reinvocation_policy="Never",
+            namespace_selector={"matchLabels": {label: "true"}},
+        ),
+    )
     try:
         ns = namespace(**{OPT_IN: "true", label: "true"})
 
@@ -269,9 +321,15 @@ def test_a_sidecar_added_by_a_later_webhook_is_rewritten_on_reinvocation_without
     assert originals(stored) == {"c0": "nginx:1.25", "sidecar": SidecarInjector.IMAGE}
 
     # mirrorgate was called twice for this pod; the second pass patched only the sidecar.
-    passes = [r for r in webhook.log_records()
-              if r.get("namespace") == ns and r.get("name") == "web" and not r.get("dry_run")]
-    assert [[c["container"] for c in r.get("rewritten", [])] for r in passes] == [["c0"], ["sidecar"]]
+    passes = [
+        r
+        for r in webhook.log_records()
+        if r.get("namespace") == ns and r.get("name") == "web" and not r.get("dry_run")
+    ]
+    assert [[c["container"] for c in r.get("rewritten", [])] for r in passes] == [
+        ["c0"],
+        ["sidecar"],
+    ]
 
 
 def test_server_side_dry_run_returns_the_mutated_pod_and_stores_nothing(kapi, webhook, namespace):
@@ -291,10 +349,16 @@ def test_a_stopped_webhook_admits_unchanged_pods_with_ignore_and_rejects_them_wi
     configs = {policy: f"e2e-down-{policy.lower()}" for policy in ("Ignore", "Fail")}
     spaces = {}
     for policy, name in configs.items():
-        register(kapi, mutating_webhook_configuration(
-            name, url=down.url, ca_pem=down.ca_pem, failure_policy=policy,
-            namespace_selector={"matchLabels": {label: policy.lower()}},
-        ))
+        register(
+            kapi,
+            mutating_webhook_configuration(
+                name,
+                url=down.url,
+                ca_pem=down.ca_pem,
+                failure_policy=policy,
+                namespace_selector={"matchLabels": {label: policy.lower()}},
+            ),
+        )
         spaces[policy] = namespace(**{label: policy.lower()})
     try:
         for ns in spaces.values():

@@ -27,10 +27,13 @@ from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry,
 @pytest.fixture
 def namespace(kube: kubernetes.client.CoreV1Api) -> str:
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    kube.create_namespace(kubernetes.client.V1Namespace(
-        metadata=kubernetes.client.V1ObjectMeta(
-            name=name, labels={"mirrorgate.io/enabled": "true"}),
-    ))
+    kube.create_namespace(
+        kubernetes.client.V1Namespace(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name=name, labels={"mirrorgate.io/enabled": "true"}
+            ),
+        )
+    )
     return name
 
 
@@ -60,11 +63,17 @@ def _unrelated_ca(path: Path) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unrelated-ca")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
 
@@ -75,19 +84,23 @@ def test_api_server_reports_version_1_20_2(control_plane: ControlPlane) -> None:
     assert info.git_version == "v1.20.2"
 
 
-def test_namespace_is_stored_with_its_labels(kube: kubernetes.client.CoreV1Api,
-                                             namespace: str) -> None:
+def test_namespace_is_stored_with_its_labels(
+    kube: kubernetes.client.CoreV1Api, namespace: str
+) -> None:
     stored = kube.read_namespace(namespace)
     assert stored.metadata.labels["mirrorgate.io/enabled"] == "true"
 
 
-def test_pod_is_stored_and_stays_pending_without_a_kubelet(kube: kubernetes.client.CoreV1Api,
-                                                           namespace: str) -> None:
+def test_pod_is_stored_and_stays_pending_without_a_kubelet(
+    kube: kubernetes.client.CoreV1Api, namespace: str
+) -> None:
     pod = kubernetes.client.V1Pod(
         metadata=kubernetes.client.V1ObjectMeta(name="app"),
-        spec=kubernetes.client.V1PodSpec(containers=[
-            kubernetes.client.V1Container(name="app", image="docker.io/library/nginx:1.25"),
-        ]),
+        spec=kubernetes.client.V1PodSpec(
+            containers=[
+                kubernetes.client.V1Container(name="app", image="docker.io/library/nginx:1.25"),
+            ]
+        ),
     )
     kube.create_namespaced_pod(namespace, pod)
     stored = kube.read_namespaced_pod("app", namespace)
@@ -97,10 +110,13 @@ def test_pod_is_stored_and_stays_pending_without_a_kubelet(kube: kubernetes.clie
 
 
 def test_rbac_denies_a_non_admin_token_what_its_role_does_not_grant(
-        control_plane: ControlPlane, viewer_token: str) -> None:
+    control_plane: ControlPlane, viewer_token: str
+) -> None:
     name = f"e2e-pod-reader-{uuid.uuid4().hex[:8]}"
-    with control_plane.api_client() as admin_api, \
-            control_plane.api_client(viewer_token) as viewer_api:
+    with (
+        control_plane.api_client() as admin_api,
+        control_plane.api_client(viewer_token) as viewer_api,
+    ):
         viewer = kubernetes.client.CoreV1Api(viewer_api)
         rbac = kubernetes.client.RbacAuthorizationV1Api(admin_api)
         with pytest.raises(ApiException) as unbound:
@@ -113,18 +129,29 @@ def test_rbac_denies_a_non_admin_token_what_its_role_does_not_grant(
         # Granted "list pods", the same user may list pods but still not secrets. (The built-in
         # "view" role would not do: it is aggregated, and with no controller-manager running its
         # rules stay empty.)
-        rbac.create_cluster_role(kubernetes.client.V1ClusterRole(
-            metadata=kubernetes.client.V1ObjectMeta(name=name),
-            rules=[kubernetes.client.V1PolicyRule(
-                api_groups=[""], resources=["pods"], verbs=["get", "list"])],
-        ))
-        rbac.create_cluster_role_binding(kubernetes.client.V1ClusterRoleBinding(
-            metadata=kubernetes.client.V1ObjectMeta(name=name),
-            role_ref=kubernetes.client.V1RoleRef(
-                api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=name),
-            subjects=[kubernetes.client.RbacV1Subject(
-                api_group="rbac.authorization.k8s.io", kind="User", name="viewer")],
-        ))
+        rbac.create_cluster_role(
+            kubernetes.client.V1ClusterRole(
+                metadata=kubernetes.client.V1ObjectMeta(name=name),
+                rules=[
+                    kubernetes.client.V1PolicyRule(
+                        api_groups=[""], resources=["pods"], verbs=["get", "list"]
+                    )
+                ],
+            )
+        )
+        rbac.create_cluster_role_binding(
+            kubernetes.client.V1ClusterRoleBinding(
+                metadata=kubernetes.client.V1ObjectMeta(name=name),
+                role_ref=kubernetes.client.V1RoleRef(
+                    api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=name
+                ),
+                subjects=[
+                    kubernetes.client.RbacV1Subject(
+                        api_group="rbac.authorization.k8s.io", kind="User", name="viewer"
+                    )
+                ],
+            )
+        )
         try:
             _eventually(viewer.list_pod_for_all_namespaces, while_status=403)
             with pytest.raises(ApiException) as granted_pods_only:
@@ -147,7 +174,8 @@ def test_kubeconfig_file_reaches_the_api_server(control_plane: ControlPlane) -> 
 
 
 def test_client_rejects_an_api_server_certificate_it_was_not_told_to_trust(
-        control_plane: ControlPlane, tmp_path: Path) -> None:
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
     config = kubernetes.client.Configuration()
     config.host = control_plane.url
     config.ssl_ca_cert = str(_unrelated_ca(tmp_path / "unrelated-ca.crt"))
@@ -192,7 +220,8 @@ def test_an_api_server_that_dies_at_start_is_reported_with_its_log(tmp_path: Pat
 
 
 def test_missing_assets_tell_the_user_how_to_get_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBEBUILDER_ASSETS", str(tmp_path / "empty"))
     monkeypatch.setenv("MIRRORGATE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(LocalClusterError, match="scripts/control-plane-assets"):

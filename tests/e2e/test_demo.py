@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import kubernetes.client
 import kubernetes.config
+
+from tests.commands import mirrorgate_exe
 
 
 def processes_under(workdir: Path) -> list[int]:
@@ -31,12 +32,22 @@ def processes_under(workdir: Path) -> list[int]:
 
 def test_demo_shows_before_and_after_and_leaves_nothing_running(tmp_path):
     workdir = tmp_path / "demo"
-    r = subprocess.run([shutil.which("mirrorgate"), "demo", "--workdir", str(workdir)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [mirrorgate_exe(), "demo", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    rows = {tuple(line.split()[:3]) for line in out.splitlines() if line.startswith(("shop/", "legacy/"))}
-    mirror = next(line.split()[2] for line in out.splitlines() if line.startswith("shop/storefront"))
+    rows = {
+        tuple(line.split()[:3])
+        for line in out.splitlines()
+        if line.startswith(("shop/", "legacy/"))
+    }
+    mirror = next(
+        line.split()[2] for line in out.splitlines() if line.startswith("shop/storefront")
+    )
     host = mirror.split("/")[0]
     assert ("shop/storefront", "nginx:1.25.3", f"{host}/library/nginx:1.25.3") in rows
     assert ("legacy/legacy-app", "nginx:1.25.3", "nginx:1.25.3") in rows
@@ -47,8 +58,12 @@ def test_demo_shows_before_and_after_and_leaves_nothing_running(tmp_path):
 
 def test_demo_keep_leaves_a_usable_cluster_until_ctrl_c(tmp_path):
     workdir = tmp_path / "kept"
-    proc = subprocess.Popen([shutil.which("mirrorgate"), "demo", "--keep", "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [mirrorgate_exe(), "demo", "--keep", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 120
