@@ -159,3 +159,93 @@ def test_mirror_selection(image, expected_upstream):
     )
     mirror = cfg.mirror_for(parse_reference(image))
     assert mirror is not None and mirror.upstream == expected_upstream
+
+
+def test_registry_access_and_mirror_awareness_settings_load():
+    cfg = parse_config(
+        textwrap.dedent(
+            """\
+            mirrors:
+              - {upstream: docker.io, mirror: "127.0.0.1:31000", type: copy}
+              - {upstream: ghcr.io, mirror: reg.example.org/ghcr, verify: false}
+            registries:
+              127.0.0.1:31000: {caFile: /etc/mirrorgate/ca.crt,
+                                auth: {usernameFile: /u, passwordFile: /p}}
+              reg.example.org: {dockerConfigFile: /etc/mirrorgate/pull/.dockerconfigjson}
+              localhost:5000: {plainHTTP: true}
+            verifyTimeout: 1500ms
+            pinDigests: true
+            registryClient: {timeout: 3s, positiveTTL: 5m, negativeTTL: 2s, maxConcurrency: 8}
+            """
+        )
+    )
+    assert [(m.type, m.verify) for m in cfg.mirrors] == [("copy", True), ("proxy", False)]
+    assert cfg.registries["127.0.0.1:31000"].username_file == "/u"
+    assert cfg.registries["reg.example.org"].docker_config_file.endswith(".dockerconfigjson")
+    assert cfg.registries["localhost:5000"].plain_http is True
+    assert cfg.verify_timeout == 1.5 and cfg.pin_digests is True
+    rc = cfg.registry_client
+    assert (rc.timeout, rc.positive_ttl, rc.negative_ttl, rc.max_concurrency) == (3, 300, 2, 8)
+    assert cfg.needs_registry
+
+
+def test_defaults_verify_mirrors_within_two_seconds():
+    cfg = parse_config("mirrors: [{upstream: docker.io, mirror: m.example.org}]")
+    assert cfg.mirrors[0].verify is True and cfg.mirrors[0].type == "proxy"
+    assert cfg.verify_timeout == 2.0 and cfg.pin_digests is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "verifyTimeout: soon",
+            "verifyTimeout: 'soon' is not a positive duration",
+            id="a duration without a number is rejected",
+        ),
+        pytest.param(
+            "verifyTimeout: 40s",
+            "longer than 25s",
+            id="a verify timeout beyond the API server's limit is rejected",
+        ),
+        pytest.param(
+            "pinDigests: yes please",
+            "pinDigests: must be true or false",
+            id="a non-boolean pinDigests is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: m.io, type: mirror}]",
+            "mirrors[0].type: 'mirror' is not one of proxy, hosted, copy",
+            id="an unknown mirror type lists the allowed ones",
+        ),
+        pytest.param(
+            "registries: {'https://r.io': {}}",
+            "registries.https://r.io:",
+            id="a registry key with a scheme is rejected",
+        ),
+        pytest.param(
+            "registries: {r.io: {auth: {usernameFile: /u}}}",
+            "registries.r.io.auth.passwordFile: required",
+            id="auth without a password file is rejected",
+        ),
+        pytest.param(
+            "registries: {r.io: {plainHTTP: true, caFile: /ca}}",
+            "registries.r.io.caFile: has no effect with plainHTTP",
+            id="a CA for a plain HTTP registry is rejected",
+        ),
+        pytest.param(
+            "registries: {r.io: {token: x}}",
+            "registries.r.io.token: unknown key",
+            id="an unknown registry setting is named",
+        ),
+        pytest.param(
+            "registryClient: {maxConcurrency: 0}",
+            "registryClient.maxConcurrency: must be a positive integer",
+            id="a zero concurrency is rejected",
+        ),
+    ],
+)
+def test_bad_registry_settings_name_the_key_path(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert expected in str(info.value)

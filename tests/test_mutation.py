@@ -15,9 +15,10 @@ from webhook.reviews import BadReviewError, parse_review, review_mutation
 
 CONFIG = parse_config(
     """
+# verify: false - these tables are about rewriting; tests/e2e/test_mirror_awareness.py covers it.
 mirrors:
-  - {upstream: docker.io, mirror: "127.0.0.1:31000"}
-  - {upstream: ghcr.io, mirror: registry.example.org/ghcr}
+  - {upstream: docker.io, mirror: "127.0.0.1:31000", verify: false}
+  - {upstream: ghcr.io, mirror: registry.example.org/ghcr, verify: false}
 skip: ["registry.example.org/*", "docker.io/library/busybox:*"]
 pullSecret: {name: mirrorgate-pull}
 namespaces: {exclude: [kube-system, legacy]}
@@ -359,3 +360,54 @@ def test_an_image_the_mirror_prefix_would_push_past_the_length_limit_is_left_wit
     result = mutate_pod(pod(containers=[{"name": "app", "image": image}]), cfg)
     assert result.obj["spec"]["containers"][0]["image"] == image
     assert "255" in result.warnings[0] or "long" in result.warnings[0]
+
+
+VERIFYING = parse_config(
+    """
+mirrors:
+  - {upstream: docker.io, mirror: "127.0.0.1:31000"}
+pullSecret: {name: mirrorgate-pull}
+pinDigests: true
+"""
+)
+
+
+def test_a_mirror_that_cannot_serve_keeps_the_original_image_and_warns():
+    from webhook.mutation import MirrorCheck
+
+    checks = {
+        "127.0.0.1:31000/library/nginx:1.25": MirrorCheck(
+            ok=False, reason="not_found", detail="127.0.0.1:31000/v2/library/nginx: not found"
+        )
+    }
+    result = mutate_pod(pod(), VERIFYING, checks=checks)
+    assert result.obj["spec"]["containers"][0]["image"] == "nginx:1.25"
+    assert "imagePullSecrets" not in result.obj["spec"]
+    (warning,) = result.warnings
+    assert warning == (
+        'mirrorgate: container "app" keeps image "nginx:1.25": mirror 127.0.0.1:31000 '
+        "cannot serve it (not on the mirror)"
+    )
+
+
+def test_an_unchecked_candidate_counts_as_unavailable():
+    result = mutate_pod(pod(), VERIFYING, checks={})
+    assert result.obj["spec"]["containers"][0]["image"] == "nginx:1.25"
+    assert result.containers[0].decision.fallback_reason == "unchecked"
+
+
+def test_pin_digests_adds_the_resolved_digest_and_records_it():
+    from webhook.mutation import PINNED_ANNOTATION, MirrorCheck
+
+    digest = "sha256:" + "c" * 64
+    checks = {"127.0.0.1:31000/library/nginx:1.25": MirrorCheck(ok=True, digest=digest)}
+    result = mutate_pod(pod(), VERIFYING, checks=checks)
+    assert result.obj["spec"]["containers"][0]["image"] == (
+        f"127.0.0.1:31000/library/nginx:1.25@{digest}"
+    )
+    annotations = result.obj["metadata"]["annotations"]
+    assert json.loads(annotations[PINNED_ANNOTATION]) == {"app": digest}
+    assert json.loads(annotations[ORIGINALS_ANNOTATION]) == {"app": "nginx:1.25"}
+    # The pinned pod is already on the mirror: a second pass changes nothing.
+    again = mutate_pod(result.obj, VERIFYING, checks={})
+    assert again.obj == result.obj

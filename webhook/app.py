@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -17,10 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
 from webhook.logs import get_logger
 from webhook.metrics import Metrics
+from webhook.mirrors import MirrorVerifier
+from webhook.registry import CacheSettings, RegistryClient
 from webhook.reviews import (
     MAX_BODY_BYTES,
     BadReviewError,
     ReviewResult,
+    mirror_candidates,
     parse_review,
     review_mutation,
 )
@@ -36,6 +40,9 @@ class Settings:
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+VERIFIER = web.AppKey("verifier", MirrorVerifier)
+# Leave the API server this much of its own timeout for our answer to travel back.
+RESPONSE_MARGIN = 0.5
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
@@ -43,6 +50,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
+    if settings.config.needs_registry:
+        app.cleanup_ctx.append(_registry_ctx)
     app.router.add_post("/mutate", handle_mutate)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_health)
@@ -59,6 +68,37 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 
     app.router.add_get("/metrics", handle_metrics)
     return app
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The registry client and mirror verifier live as long as the server."""
+    config = app[SETTINGS].config
+    metrics = app[METRICS]
+    rc = config.registry_client
+    client = RegistryClient(
+        config.registries,
+        timeout=rc.timeout,
+        max_concurrency=rc.max_concurrency,
+        cache=CacheSettings(rc.positive_ttl, rc.negative_ttl, rc.max_entries),
+        on_request=metrics.registry_request,
+        on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
+    )
+    app[VERIFIER] = MirrorVerifier(
+        client, config, on_copy=lambda result: metrics.mirror_copies.labels(result).inc()
+    )
+    yield
+    await app[VERIFIER].close()
+    await client.close()
+
+
+def admission_budget(request: web.Request, configured: float) -> float:
+    """``verifyTimeout``, capped by the API server's ``?timeout=`` for this call."""
+    raw = request.query.get("timeout", "")
+    try:
+        api_timeout = float(raw[:-1]) if raw.endswith("s") else float(raw)
+    except ValueError:
+        return configured
+    return max(0.05, min(configured, api_timeout - RESPONSE_MARGIN))
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -95,8 +135,21 @@ async def handle_mutate(request: web.Request) -> web.Response:
         return _bad_request(str(err))
 
     operation = metrics.operation_label(req.operation)
+    config = settings.config
     try:
-        result = review_mutation(req, settings.config, own_namespace=settings.own_namespace)
+        result = review_mutation(req, config, own_namespace=settings.own_namespace)
+        verifier = request.app.get(VERIFIER)
+        candidates = mirror_candidates(result) if verifier is not None else []
+        if verifier is not None and candidates:
+            # Second pass with what the mirror said: fall back or pin digests.
+            checks = await verifier.check_all(
+                candidates,
+                budget=admission_budget(request, config.verify_timeout),
+                allow_copy=not req.dry_run,
+            )
+            result = review_mutation(
+                req, config, own_namespace=settings.own_namespace, checks=checks
+            )
     except Exception:
         metrics.admission_requests.labels("mutate", operation, "error").inc()
         log.exception("internal error while reviewing", extra={"fields": {"uid": req.uid}})
@@ -121,6 +174,10 @@ def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
             metrics.images_left.labels("invalid_reference").inc()
         elif c.decision.reason == "unmirrorable":
             metrics.images_left.labels("unmirrorable").inc()
+        elif c.decision.reason == "mirror-unavailable":
+            metrics.images_fallback.labels(
+                c.decision.upstream or "", c.decision.fallback_reason or "unknown"
+            ).inc()
         elif c.decision.reason == "rewritten":
             metrics.images_left.labels("missing_pull_secret").inc()
 
@@ -149,9 +206,22 @@ def _log_result(
     ]
     if changed:
         fields["rewritten"] = changed
+    fallbacks = [
+        {
+            "container": c.name,
+            "image": c.decision.input,
+            "mirror": c.decision.candidate,
+            "reason": c.decision.fallback_reason,
+            "detail": c.decision.detail,
+        }
+        for c in result.containers
+        if c.decision.reason == "mirror-unavailable"
+    ]
+    if fallbacks:
+        fields["fallbacks"] = fallbacks
     warnings = result.response["response"].get("warnings")
     if warnings:
         fields["warnings"] = warnings
     # Unchanged, excluded and ignored admissions are the bulk of the traffic: keep them at debug.
-    level = 20 if (changed or warnings) else 10
+    level = 20 if (changed or warnings or fallbacks) else 10
     log.log(level, "admission reviewed", extra={"fields": fields})

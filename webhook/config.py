@@ -8,6 +8,7 @@ value.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
 
+# proxy: a pull-through cache (a HEAD through it fetches the image); hosted: images are pushed to it
+# by someone else, mirrorgate only reads; copy: hosted, and mirrorgate copies a missing image from
+# its upstream in the background so the next pod gets the mirror.
+MirrorType = Literal["proxy", "hosted", "copy"]
+MIRROR_TYPES: tuple[MirrorType, ...] = ("proxy", "hosted", "copy")
+DEFAULT_VERIFY_TIMEOUT = 2.0
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
 NamespaceMode = Literal["optIn", "clusterWide"]
 NAMESPACE_MODES: tuple[NamespaceMode, ...] = ("optIn", "clusterWide")
 
@@ -55,6 +65,8 @@ class Mirror:
 
     upstream: str  # normalised domain, optionally with a repository prefix; or "*"
     mirror: str  # host[:port][/path-prefix], as the nodes pull from it
+    verify: bool = True  # confirm the mirror can serve an image before rewriting to it
+    type: MirrorType = "proxy"
 
     def matches(self, ref: ImageReference) -> bool:
         if self.upstream == CATCH_ALL:
@@ -70,6 +82,26 @@ class Mirror:
     def serves(self, ref: ImageReference) -> bool:
         """Whether ``ref`` already points at this mirror (and must not be rewritten again)."""
         return ref.name.startswith(self.mirror + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryAccess:
+    """How to reach one registry host: trust, transport and credentials (all from files)."""
+
+    ca_file: str | None = None
+    plain_http: bool = False
+    username_file: str | None = None
+    password_file: str | None = None
+    docker_config_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryClientSettings:
+    timeout: float = 5.0
+    max_concurrency: int = 32
+    positive_ttl: float = 60.0
+    negative_ttl: float = 10.0
+    max_entries: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +124,16 @@ class Config:
     skip: tuple[str, ...] = ()
     pull_secret: PullSecret | None = None
     namespaces: Namespaces = field(default_factory=Namespaces)
+    registries: dict[str, RegistryAccess] = field(default_factory=dict)
+    verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
+    pin_digests: bool = False
+    registry_client: RegistryClientSettings = field(default_factory=RegistryClientSettings)
     source: str | None = None
+
+    @property
+    def needs_registry(self) -> bool:
+        """Whether admission talks to registries at all (verification or digest pinning)."""
+        return self.pin_digests or any(m.verify for m in self.mirrors)
 
     def mirror_for(self, ref: ImageReference) -> Mirror | None:
         """The most specific mirror whose upstream covers ``ref``, or None."""
@@ -136,13 +177,19 @@ def config_from_dict(data: Any, *, source: str | None = None) -> Config:
     if v.problems:
         raise ConfigError(v.problems, source=source)
     assert cfg is not None
-    return Config(
-        mirrors=cfg.mirrors,
-        skip=cfg.skip,
-        pull_secret=cfg.pull_secret,
-        namespaces=cfg.namespaces,
-        source=source,
-    )
+    return dataclasses.replace(cfg, source=source)
+
+
+TOP_LEVEL_KEYS = (
+    "mirrors",
+    "skip",
+    "pullSecret",
+    "namespaces",
+    "registries",
+    "verifyTimeout",
+    "pinDigests",
+    "registryClient",
+)
 
 
 class _Validator:
@@ -172,7 +219,7 @@ class _Validator:
         return value
 
     def config(self, data: Any) -> Config | None:
-        top = self.mapping(data, "", ("mirrors", "skip", "pullSecret", "namespaces"))
+        top = self.mapping(data, "", TOP_LEVEL_KEYS)
         if top is None:
             return None
         return Config(
@@ -180,6 +227,112 @@ class _Validator:
             skip=self.skip(top.get("skip", [])),
             pull_secret=self.pull_secret(top.get("pullSecret")),
             namespaces=self.namespaces(top.get("namespaces", {})),
+            registries=self.registries(top.get("registries", {})),
+            verify_timeout=self.duration(
+                top.get("verifyTimeout", DEFAULT_VERIFY_TIMEOUT), "verifyTimeout", maximum=25.0
+            ),
+            pin_digests=self.boolean(top.get("pinDigests", False), "pinDigests"),
+            registry_client=self.registry_client(top.get("registryClient", {})),
+        )
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false, got {_type(value)}")
+            return False
+        return value
+
+    def duration(self, value: Any, path: str, *, maximum: float | None = None) -> float:
+        """``2s``, ``500ms``, ``1m``, ``1h`` or a number of seconds; must be positive."""
+        if isinstance(value, bool):
+            seconds = None
+        elif isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value.strip())):
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            seconds = None
+        if seconds is None or seconds <= 0:
+            self.fail(path, f"{value!r} is not a positive duration (e.g. 2s, 500ms, 1m)")
+            return 1.0
+        if maximum is not None and seconds > maximum:
+            self.fail(
+                path,
+                f"{value!r} is longer than {maximum:g}s, more than the API server "
+                "lets a webhook take",
+            )
+            return maximum
+        return seconds
+
+    def registries(self, value: Any) -> dict[str, RegistryAccess]:
+        if not isinstance(value, Mapping):
+            self.fail("registries", f"must be a mapping of host to settings, got {_type(value)}")
+            return {}
+        out: dict[str, RegistryAccess] = {}
+        for host, entry in value.items():
+            path = f"registries.{host}"
+            try:
+                if parse_domain(str(host)) != str(host).lower():
+                    raise InvalidReferenceError(f"write it as {parse_domain(str(host))}")
+            except InvalidReferenceError as err:
+                self.fail(path, f"{host!r} is not a registry host[:port]: {err}")
+                continue
+            e = self.mapping(entry or {}, path, ("caFile", "plainHTTP", "auth", "dockerConfigFile"))
+            if e is None:
+                continue
+            auth = e.get("auth")
+            username_file = password_file = None
+            if auth is not None:
+                a = self.mapping(auth, f"{path}.auth", ("usernameFile", "passwordFile"))
+                if a is not None:
+                    for key in ("usernameFile", "passwordFile"):
+                        if key not in a:
+                            self.fail(f"{path}.auth.{key}", "required")
+                    username_file = self.string(a.get("usernameFile"), f"{path}.auth.usernameFile")
+                    password_file = self.string(a.get("passwordFile"), f"{path}.auth.passwordFile")
+            docker_config = e.get("dockerConfigFile")
+            if docker_config is not None:
+                docker_config = self.string(docker_config, f"{path}.dockerConfigFile")
+            if auth is not None and docker_config is not None:
+                self.fail(path, "set either auth or dockerConfigFile, not both")
+            plain = self.boolean(e.get("plainHTTP", False), f"{path}.plainHTTP")
+            ca_file = e.get("caFile")
+            if ca_file is not None:
+                ca_file = self.string(ca_file, f"{path}.caFile")
+                if plain:
+                    self.fail(f"{path}.caFile", "has no effect with plainHTTP: true")
+            out[str(host).lower()] = RegistryAccess(
+                ca_file=ca_file,
+                plain_http=plain,
+                username_file=username_file,
+                password_file=password_file,
+                docker_config_file=docker_config,
+            )
+        return out
+
+    def registry_client(self, value: Any) -> RegistryClientSettings:
+        keys = ("timeout", "maxConcurrency", "positiveTTL", "negativeTTL", "maxEntries")
+        m = self.mapping(value, "registryClient", keys)
+        if m is None:
+            return RegistryClientSettings()
+        d = RegistryClientSettings()
+
+        def count(key: str, default: int) -> int:
+            v = m.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                self.fail(f"registryClient.{key}", f"must be a positive integer, got {v!r}")
+                return default
+            return v
+
+        return RegistryClientSettings(
+            timeout=self.duration(m.get("timeout", d.timeout), "registryClient.timeout"),
+            max_concurrency=count("maxConcurrency", d.max_concurrency),
+            positive_ttl=self.duration(
+                m.get("positiveTTL", d.positive_ttl), "registryClient.positiveTTL"
+            ),
+            negative_ttl=self.duration(
+                m.get("negativeTTL", d.negative_ttl), "registryClient.negativeTTL"
+            ),
+            max_entries=count("maxEntries", d.max_entries),
         )
 
     def mirrors(self, value: Any) -> tuple[Mirror, ...]:
@@ -190,7 +343,7 @@ class _Validator:
         seen: dict[str, int] = {}
         for i, item in enumerate(value):
             path = f"mirrors[{i}]"
-            m = self.mapping(item, path, ("upstream", "mirror"))
+            m = self.mapping(item, path, ("upstream", "mirror", "verify", "type"))
             if m is None:
                 continue
             for key in ("upstream", "mirror"):
@@ -209,7 +362,12 @@ class _Validator:
                 )
                 continue
             seen[upstream] = i
-            out.append(Mirror(upstream=upstream, mirror=mirror))
+            verify = self.boolean(m.get("verify", True), f"{path}.verify")
+            mtype = m.get("type", "proxy")
+            if mtype not in MIRROR_TYPES:
+                self.fail(f"{path}.type", f"{mtype!r} is not one of {', '.join(MIRROR_TYPES)}")
+                mtype = "proxy"
+            out.append(Mirror(upstream=upstream, mirror=mirror, verify=verify, type=mtype))
         return tuple(out)
 
     def upstream(self, value: Any, path: str) -> str | None:

@@ -10,7 +10,11 @@ tests.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import gzip
+import hashlib
+import io
 import json
 import os
 import secrets
@@ -19,6 +23,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -30,9 +35,10 @@ from types import TracebackType
 from typing import Any, Self
 
 from certs.pki import generate_ca, issue_serving
-from webhook.config import load_config
+from webhook.config import RegistryAccess, load_config
 from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
 from webhook.mutation import decide_image
+from webhook.registry import RegistryClient
 
 OPT_IN_LABEL = "mirrorgate.io/enabled"
 SERVE_READY_TIMEOUT = 20.0
@@ -271,22 +277,88 @@ DEMO_PODS: list[dict[str, Any]] = [
 ]
 
 
-def demo_config(registry_host: str) -> str:
+# What the demo puts on its mirror before creating pods; redis is left out on purpose, to show
+# what happens when the mirror cannot serve an image.
+DEMO_MIRRORED = (
+    "library/nginx:1.25.3",
+    "ghcr/acme/storefront:2.3.1",
+    "ghcr/acme/storefront-migrations:2.3.1",
+)
+
+
+def demo_config(registry_host: str, *, username_file: Path, password_file: Path) -> str:
     return textwrap.dedent(
         f"""\
-        # Written by `mirrorgate demo`: every upstream is mirrored on the local registry.
+        # Written by `mirrorgate demo`: docker.io and ghcr.io are mirrored on the local registry.
         mirrors:
           - upstream: docker.io
             mirror: {registry_host}
+            type: hosted        # images are pushed to it; mirrorgate only reads
           - upstream: ghcr.io
             mirror: {registry_host}/ghcr
-        skip: []
+            type: hosted
         pullSecret: {{name: mirrorgate-pull}}
         namespaces:
           mode: optIn
           exclude: [kube-system]
+        registries:
+          {registry_host}:
+            plainHTTP: true     # 127.0.0.1: containerd also pulls from it over plain HTTP
+            auth: {{usernameFile: {username_file}, passwordFile: {password_file}}}
+        verifyTimeout: 2s       # rewrite only what the mirror can serve, decided within 2 s
         """
     )
+
+
+def demo_image(name: str) -> tuple[bytes, bytes, bytes]:
+    """A tiny single-layer OCI image (layer, config, manifest) whose content names ``name``."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        data = f"mirrorgate demo image {name}\n".encode()
+        info = tarfile.TarInfo("etc/mirrorgate-demo")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    layer = gzip.compress(raw.getvalue(), mtime=0)
+    diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    return layer, config, manifest
+
+
+async def push_demo_images(host: str, access: RegistryAccess) -> None:
+    async with RegistryClient({host: access}) as client:
+        for ref in DEMO_MIRRORED:
+            repository, _, tag = ref.partition(":")
+            layer, config, manifest = demo_image(ref)
+            await client.upload_blob(host, repository, layer)
+            await client.upload_blob(host, repository, config)
+            await client.put_manifest(
+                host, repository, tag, manifest, "application/vnd.oci.image.manifest.v1+json"
+            )
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -339,8 +411,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             registry = stack.enter_context(
                 LocalRegistry(workdir / "registry", username="mirrorgate", password=password)
             )
+            creds = workdir / "registry-credentials"
+            creds.mkdir(exist_ok=True, mode=0o700)
+            (creds / "username").write_text("mirrorgate\n")
+            (creds / "password").touch(mode=0o600)
+            (creds / "password").write_text(password + "\n")
             config_file = workdir / "mirrorgate.yaml"
-            config_file.write_text(demo_config(registry.host))
+            config_file.write_text(
+                demo_config(
+                    registry.host,
+                    username_file=creds / "username",
+                    password_file=creds / "password",
+                )
+            )
+            config = load_config(config_file)
+            _step(out, "pushing " + ", ".join(DEMO_MIRRORED) + " to the mirror")
+            asyncio.run(push_demo_images(registry.host, config.registries[registry.host]))
             _step(out, f"starting mirrorgate serve with {config_file}")
             webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file))
             with plane.api_client() as api:
@@ -429,11 +515,14 @@ def _run_demo(
         pull = ",".join(s["name"] for s in stored_dict["spec"].get("imagePullSecrets") or []) or "-"
         for c in _all_containers(stored_dict["spec"]):
             submitted = before[c["name"]]
-            why = (
-                _WHY[decide_image(submitted, config).reason]
-                if ns == "shop"
-                else "namespace not opted in: never sent to the webhook"
-            )
+            if ns != "shop":
+                why = "namespace not opted in: never sent to the webhook"
+            elif c["image"] != submitted:
+                why = _WHY["rewritten"]
+            else:
+                reason = decide_image(submitted, config).reason
+                # Would have been rewritten, but the mirror check said no.
+                why = _WHY["mirror-unavailable" if reason == "rewritten" else reason]
             rows.append(
                 (
                     f"{ns}/{manifest['metadata']['name']}",
@@ -453,11 +542,12 @@ def _run_demo(
     out.write(
         textwrap.dedent(
             f"""
-        What happened: the API server sent each pod in 'shop' to mirrorgate, which rewrote its
-        images
-        to the mirror {registry.host}, added the pull secret and recorded the originals in the
-        annotation mirrorgate.io/original-images. 'legacy' is not opted in, so the API server never
-        asked. There is no kubelet here: the pods are stored, not run, and nothing is pulled.
+        What happened: the API server sent each pod in 'shop' to mirrorgate. It asked the mirror
+        {registry.host} for every image, rewrote those the mirror can serve, added the pull secret
+        and recorded the originals in the annotation mirrorgate.io/original-images. redis is not on
+        the mirror, so its pod keeps the original image instead of failing to pull. 'legacy' is not
+        opted in, so the API server never asked. There is no kubelet here: the pods are stored, not
+        run, and nothing is pulled.
         """
         )
     )
@@ -465,6 +555,7 @@ def _run_demo(
 
 _WHY = {
     "rewritten": "rewritten to the mirror",
+    "mirror-unavailable": "mirror does not have it: kept, warned",
     "already-mirrored": "already on the mirror",
     "skipped": "matches a skip glob",
     "no-mirror": "no mirror configured for this registry",

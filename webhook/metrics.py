@@ -44,6 +44,37 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.images_fallback = Counter(
+            "mirrorgate_images_fallback",
+            "Images left on their original registry because the mirror could not serve them.",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.registry_request_duration = Histogram(
+            "mirrorgate_registry_request_duration_seconds",
+            "Registry API calls made by mirrorgate, by operation.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.registry_errors = Counter(
+            "mirrorgate_registry_errors",
+            "Registry API calls that failed, by operation and kind of failure.",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.registry_cache = Counter(
+            "mirrorgate_registry_cache_lookups",
+            "Registry answer cache lookups, by result (hit or miss).",
+            ["result"],
+            registry=r,
+        )
+        self.mirror_copies = Counter(
+            "mirrorgate_mirror_copies",
+            "Background copies of images into copy-type mirrors, by result.",
+            ["result"],
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "mirrorgate_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate in use, as a Unix timestamp.",
@@ -63,6 +94,11 @@ class Metrics:
             registry=r,
         )
         build_info.labels(version=__version__).set(1)
+
+    def registry_request(self, operation: str, seconds: float, error: str | None) -> None:
+        self.registry_request_duration.labels(operation).observe(seconds)
+        if error is not None:
+            self.registry_errors.labels(operation, error).inc()
 
     def operation_label(self, operation: str) -> str:
         return operation if operation in OPERATIONS else "other"

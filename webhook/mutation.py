@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -19,13 +20,36 @@ from webhook.config import Config
 from webhook.images import InvalidReferenceError, parse_reference, with_mirror
 
 ORIGINALS_ANNOTATION = "mirrorgate.io/original-images"
+# container name -> the digest pinDigests resolved at admission (the image then ends in @digest).
+PINNED_ANNOTATION = "mirrorgate.io/pinned-digests"
 SKIP_ANNOTATION = "mirrorgate.io/skip"
 # Order of a pod's container lists; Kubernetes requires names to be unique across all three.
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 WARNING_PREFIX = "mirrorgate: "
 _MAX_QUOTED = 120
 
-Reason = Literal["rewritten", "already-mirrored", "skipped", "no-mirror", "invalid", "unmirrorable"]
+Reason = Literal[
+    "rewritten",
+    "already-mirrored",
+    "skipped",
+    "no-mirror",
+    "invalid",
+    "unmirrorable",
+    "mirror-unavailable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorCheck:
+    """What the mirror said about a rewritten reference (from the registry client)."""
+
+    ok: bool
+    digest: str | None = None  # the digest the mirror serves for it, when ok
+    reason: str | None = None  # why not: not_found, timeout, network, auth, ... (bounded)
+    detail: str | None = None  # one line for the user
+
+
+Checks = Mapping[str, MirrorCheck]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +62,10 @@ class ImageDecision:
     rewritten: str | None = None
     upstream: str | None = None  # the matching mirrors[].upstream, for metrics
     detail: str | None = None  # the parse error for invalid references
+    candidate: str | None = None  # the mirror reference that was considered
+    pinned: str | None = None  # the digest added by pinDigests
+    fallback_reason: str | None = None  # MirrorCheck.reason when the mirror could not serve
+    needs_check: bool = False  # the mirror must be asked before this rewrite is final
 
     @property
     def image(self) -> str:
@@ -55,8 +83,14 @@ class ImageDecision:
         return out
 
 
-def decide_image(image: str, config: Config) -> ImageDecision:
-    """Decide where ``image`` should be pulled from under ``config``."""
+def decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
+    """Decide where ``image`` should be pulled from under ``config``.
+
+    ``checks`` maps candidate mirror references to what the mirror answered. Without it (offline
+    use, or the first of two passes) the decision assumes the mirror can serve everything. With
+    it, a verifying mirror that could not serve the image keeps the original, and ``pinDigests``
+    adds the digest the mirror resolved.
+    """
     try:
         ref = parse_reference(image)
     except InvalidReferenceError as err:
@@ -80,12 +114,31 @@ def decide_image(image: str, config: Config) -> ImageDecision:
             upstream=mirror.upstream,
             detail=f"cannot be rewritten to mirror {mirror.mirror}: {err.reason or err}",
         )
+    check = checks.get(rewritten) if checks is not None else None
+    if checks is not None and mirror.verify and (check is None or not check.ok):
+        reason = check.reason if check else "unchecked"
+        return ImageDecision(
+            input=image,
+            reason="mirror-unavailable",
+            normalized=normalized,
+            upstream=mirror.upstream,
+            candidate=rewritten,
+            fallback_reason=reason,
+            detail=(check.detail if check and check.detail else f"mirror check: {reason}"),
+        )
+    candidate, pinned = rewritten, None
+    if config.pin_digests and ref.digest is None and check is not None and check.digest:
+        pinned = check.digest
+        rewritten = f"{rewritten}@{pinned}"
     return ImageDecision(
         input=image,
         reason="rewritten",
         normalized=normalized,
         rewritten=rewritten,
         upstream=mirror.upstream,
+        candidate=candidate,
+        pinned=pinned,
+        needs_check=mirror.verify or config.pin_digests,
     )
 
 
@@ -115,6 +168,7 @@ def mutate_pod(
     *,
     operation: str = "CREATE",
     old_pod: dict[str, Any] | None = None,
+    checks: Checks | None = None,
 ) -> MutationResult:
     """Rewrite the images of ``pod`` (a Pod object as the API server sends it).
 
@@ -146,6 +200,7 @@ def mutate_pod(
     may_rewrite = operation != "UPDATE" or has_secret
 
     originals: dict[str, str] = {}
+    pinned: dict[str, str] = {}
     for fld in CONTAINER_FIELDS:
         for container in _containers(spec, fld):
             name = str(container.get("name", ""))
@@ -154,12 +209,14 @@ def mutate_pod(
                 continue
             if operation == "UPDATE" and old_images.get((fld, name)) == image:
                 continue
-            decision = decide_image(image, config)
+            decision = decide_image(image, config, checks)
             applied = decision.reason == "rewritten" and may_rewrite
             result.containers.append(ContainerDecision(fld, name, decision, applied))
             if applied:
                 container["image"] = decision.image
                 originals[name] = image
+                if decision.pinned:
+                    pinned[name] = decision.pinned
             result.warnings.extend(_warnings_for(fld, name, decision, may_rewrite, secret))
 
     if originals:
@@ -168,11 +225,15 @@ def mutate_pod(
             if spec["imagePullSecrets"] is None:
                 spec["imagePullSecrets"] = []
             spec["imagePullSecrets"].append({"name": secret})
-        _record_originals(out, originals)
+        _record(out, ORIGINALS_ANNOTATION, originals)
+        if pinned:
+            _record(out, PINNED_ANNOTATION, pinned)
     return result
 
 
-def mutate_ephemeral_containers(obj: dict[str, Any], config: Config) -> MutationResult:
+def mutate_ephemeral_containers(
+    obj: dict[str, Any], config: Config, *, checks: Checks | None = None
+) -> MutationResult:
     """Rewrite a Kubernetes 1.20/1.21 ``EphemeralContainers`` object (pods/ephemeralcontainers).
 
     That object carries only the ephemeral container list: the pod's ``imagePullSecrets`` and
@@ -188,7 +249,7 @@ def mutate_ephemeral_containers(obj: dict[str, Any], config: Config) -> Mutation
         image = container.get("image")
         if not isinstance(image, str) or not image:
             continue
-        decision = decide_image(image, config)
+        decision = decide_image(image, config, checks)
         applied = decision.reason == "rewritten"
         result.containers.append(ContainerDecision("ephemeralContainers", name, decision, applied))
         if applied:
@@ -228,6 +289,13 @@ def _warnings_for(
             f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: "
             f"{decision.detail}"
         ]
+    if decision.reason == "mirror-unavailable":
+        host = (decision.candidate or "").split("/", 1)[0]
+        why = _FALLBACK_WHY.get(decision.fallback_reason or "", decision.fallback_reason or "")
+        return [
+            f"{WARNING_PREFIX}{where} keeps image {_quote(decision.input)}: mirror {host} "
+            f"cannot serve it ({why})"
+        ]
     if decision.reason == "rewritten" and not may_rewrite:
         return [
             f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: the pod lacks "
@@ -237,19 +305,20 @@ def _warnings_for(
     return []
 
 
-def _record_originals(pod: dict[str, Any], originals: dict[str, str]) -> None:
+def _record(pod: dict[str, Any], annotation: str, values: dict[str, str]) -> None:
+    """Merge ``values`` into the JSON object held by ``annotation``."""
     metadata = pod.setdefault("metadata", {})
     if metadata.get("annotations") is None:
         metadata["annotations"] = {}
     annotations = metadata["annotations"]
     try:
-        recorded = json.loads(annotations.get(ORIGINALS_ANNOTATION, "{}"))
+        recorded = json.loads(annotations.get(annotation, "{}"))
     except (TypeError, ValueError):
         recorded = {}
     if not isinstance(recorded, dict):
         recorded = {}
-    recorded.update(originals)
-    annotations[ORIGINALS_ANNOTATION] = json.dumps(recorded, sort_keys=True, separators=(",", ":"))
+    recorded.update(values)
+    annotations[annotation] = json.dumps(recorded, sort_keys=True, separators=(",", ":"))
 
 
 def _kind_label(fld: str) -> str:
@@ -269,6 +338,19 @@ def _quote(text: str) -> str:
     if len(clean) > _MAX_QUOTED:
         clean = clean[: _MAX_QUOTED - 3] + "..."
     return f'"{clean}"'
+
+
+# MirrorCheck.reason -> what the user reads; the full registry error goes to the log.
+_FALLBACK_WHY = {
+    "not_found": "not on the mirror",
+    "timeout": "no answer within verifyTimeout",
+    "network": "mirror unreachable",
+    "tls": "mirror certificate not trusted",
+    "auth": "access denied: check the registries credentials",
+    "server": "mirror answered with an error",
+    "protocol": "unexpected answer from the mirror",
+    "unchecked": "not checked",
+}
 
 
 def _reason_only(detail: str | None) -> str:

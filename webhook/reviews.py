@@ -16,6 +16,7 @@ import jsonpatch
 
 from webhook.config import Config
 from webhook.mutation import (
+    Checks,
     ContainerDecision,
     MutationResult,
     mutate_ephemeral_containers,
@@ -94,7 +95,9 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
     )
 
 
-def review_mutation(req: AdmissionRequest, config: Config, *, own_namespace: str) -> ReviewResult:
+def review_mutation(
+    req: AdmissionRequest, config: Config, *, own_namespace: str, checks: Checks | None = None
+) -> ReviewResult:
     """Decide the mutation for one admission request; never raises on odd but valid input."""
     op = req.operation
     if req.resource != "pods" or req.sub_resource not in ("", "ephemeralcontainers"):
@@ -105,14 +108,23 @@ def review_mutation(req: AdmissionRequest, config: Config, *, own_namespace: str
         return _unchanged(req, "excluded")
 
     if req.kind == "EphemeralContainers":
-        result = mutate_ephemeral_containers(req.obj, config)
+        result = mutate_ephemeral_containers(req.obj, config, checks=checks)
     elif req.kind == "Pod":
         old = req.old_obj if isinstance(req.old_obj, dict) else None
         # pods/ephemeralcontainers is an UPDATE of the whole Pod on Kubernetes >= 1.22.
-        result = mutate_pod(req.obj, config, operation=op, old_pod=old)
+        result = mutate_pod(req.obj, config, operation=op, old_pod=old, checks=checks)
     else:
         return _unchanged(req, "ignored")
     return _respond(req, result)
+
+
+def mirror_candidates(result: ReviewResult) -> list[str]:
+    """The mirror references a first pass would rewrite to and that must be checked first."""
+    seen: dict[str, None] = {}
+    for c in result.containers:
+        if c.applied and c.decision.needs_check and c.decision.candidate:
+            seen[c.decision.candidate] = None
+    return list(seen)
 
 
 def _respond(req: AdmissionRequest, result: MutationResult) -> ReviewResult:

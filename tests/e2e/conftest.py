@@ -66,3 +66,100 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRe
         yield registry
     finally:
         registry.stop()
+
+
+# Real registries for the registry v2 client tests (helpers: tests/registries.py). All use one test
+# CA (registry_pki), listen on 127.0.0.1 and expose host, url, credentials, ca_file, cert_dir and
+# metrics_url. Counters only grow and the registries are shared by the session: compare deltas.
+from tests.registries import (  # noqa: E402 - appended section, kept apart from the fixtures above
+    Credentials,
+    HarnessRegistry,
+    RegistryPKI,
+    TokenServer,
+    require_tools,
+    write_registry_pki,
+)
+
+
+def _fail_without_registry_tools() -> None:
+    try:
+        require_tools()
+    except LocalClusterError as err:
+        raise pytest.fail.Exception(str(err), pytrace=False) from None
+
+
+def _running(server: HarnessRegistry | TokenServer) -> Iterator[HarnessRegistry | TokenServer]:
+    """Start `server` (failing the test, not skipping, when it can't), yield it, always stop it."""
+    _fail_without_registry_tools()
+    try:
+        try:
+            server.start()
+        except LocalClusterError as err:
+            raise pytest.fail.Exception(str(err), pytrace=False) from None
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_pki(tmp_path_factory: pytest.TempPathFactory) -> RegistryPKI:
+    """A test CA and a serving certificate for 127.0.0.1 and localhost (files)."""
+    _fail_without_registry_tools()
+    return write_registry_pki(tmp_path_factory.mktemp("registry-pki"))
+
+
+@pytest.fixture(scope="session")
+def htpasswd_registry(
+    tmp_path_factory: pytest.TempPathFactory, registry_pki: RegistryPKI
+) -> Iterator[HarnessRegistry]:
+    """TLS + htpasswd (bcrypt cost 4): user `testuser` with a random password."""
+    registry = HarnessRegistry(
+        tmp_path_factory.mktemp("htpasswd-registry"),
+        pki=registry_pki,
+        credentials=Credentials.random("testuser"),
+    )
+    yield from _running(registry)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def token_server(
+    tmp_path_factory: pytest.TempPathFactory, registry_pki: RegistryPKI
+) -> Iterator[TokenServer]:
+    """HTTPS token server; user `testuser` (random password) gets every action it asks for."""
+    server = TokenServer(
+        tmp_path_factory.mktemp("token-server"),
+        tls_cert=registry_pki.cert_file,
+        tls_key=registry_pki.key_file,
+    )
+    yield from _running(server)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory, registry_pki: RegistryPKI, token_server: TokenServer
+) -> Iterator[HarnessRegistry]:
+    """TLS + `auth.token` via token_server; `credentials` are the token server's user."""
+    registry = HarnessRegistry(
+        tmp_path_factory.mktemp("token-registry"), pki=registry_pki, token_server=token_server
+    )
+    yield from _running(registry)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def proxy_mirror(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry_pki: RegistryPKI,
+    token_registry: HarnessRegistry,
+) -> Iterator[HarnessRegistry]:
+    """A pull-through cache of token_registry: TLS, no client auth, read-only."""
+    registry = HarnessRegistry(
+        tmp_path_factory.mktemp("proxy-mirror"), pki=registry_pki, upstream=token_registry
+    )
+    yield from _running(registry)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HarnessRegistry]:
+    """Plain HTTP, no auth (ca_file, cert_dir and credentials are None)."""
+    registry = HarnessRegistry(tmp_path_factory.mktemp("plain-registry"))
+    yield from _running(registry)  # type: ignore[misc]

@@ -29,9 +29,10 @@ OPT_IN = "mirrorgate.io/enabled"
 MIRROR = "127.0.0.1:31000"
 DIGEST = "sha256:" + "b" * 64
 CONFIG = f"""\
+# No registry listens on the mirror address: these tests are about admission, not verification.
 mirrors:
-  - {{upstream: docker.io, mirror: "{MIRROR}"}}
-  - {{upstream: ghcr.io, mirror: "{MIRROR}/ghcr"}}
+  - {{upstream: docker.io, mirror: "{MIRROR}", verify: false}}
+  - {{upstream: ghcr.io, mirror: "{MIRROR}/ghcr", verify: false}}
 pullSecret: {{name: mirrorgate-pull}}
 namespaces: {{mode: optIn, exclude: [kube-system]}}
 """
