@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -430,29 +431,8 @@ class RegistryClient:
             location = self._base(thost) + location
         sep = "&" if "?" in location else "?"
 
-        path = f"/v2/{srepo}/blobs/{digest}"
-        pull_scope = f"repository:{srepo}:pull"
-        # A HEAD first settles the source's auth, so the streaming GET can authenticate up front.
-        head = await self._request("HEAD", shost, path, scope=pull_scope, operation="blob_head")
-        if head.status != 200:
-            raise _status_error(head, shost, path)
-        headers = {}
-        auth = await self._auth_header(shost, pull_scope, challenge=None)
-        if auth:
-            headers["Authorization"] = auth
-        access = self._host(shost)
-        self.stats.count("blob_get")
-        try:
-            async with self.session.get(
-                self._base(shost) + path,
-                headers=headers,
-                ssl=access.ssl_context(),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
-            ) as resp:
-                if resp.status != 200:
-                    raise _status_error(
-                        _Reply(resp.status, resp.headers, await resp.read()), shost, path
-                    )
+        async with self._open_blob(shost, srepo, digest) as resp:
+            try:
                 done = await self._request(
                     "PUT",
                     thost,
@@ -463,52 +443,79 @@ class RegistryClient:
                     headers={"Content-Type": "application/octet-stream"},
                     absolute_ok=True,
                 )
-        except (aiohttp.ClientError, OSError) as err:
-            raise RegistryError(
-                "network", f"copying {digest} from {shost}: {_short_error(err)}"
-            ) from err
+            except (aiohttp.ClientError, OSError) as err:
+                raise RegistryError(
+                    "network", f"copying {digest} from {shost}: {_short_error(err)}"
+                ) from err
         if done.status != 201:
             raise _status_error(done, thost, f"/v2/{trepo}/blobs/uploads/")
         return True
+
+    @contextlib.asynccontextmanager
+    async def _open_blob(
+        self, host: str, repository: str, digest: str
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streaming GET of a blob (status 200), answering one auth challenge.
+
+        No HEAD first: a pull-through cache answers a HEAD of an uncached blob by fetching it from
+        its upstream, and the GET would fetch it a second time.
+        """
+        path = f"/v2/{repository}/blobs/{digest}"
+        scope = f"repository:{repository}:pull"
+        access = self._host(host)
+        challenge: str | None = None
+        for _attempt in range(2):
+            headers = {}
+            auth = await self._auth_header(host, scope, challenge=challenge)
+            if auth:
+                headers["Authorization"] = auth
+            self.stats.count("blob_get")
+            try:
+                async with self.session.get(
+                    self._base(host) + path,
+                    headers=headers,
+                    ssl=access.ssl_context(),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
+                ) as resp:
+                    if (
+                        resp.status == 401
+                        and challenge is None
+                        and "WWW-Authenticate" in resp.headers
+                    ):
+                        challenge = resp.headers["WWW-Authenticate"]
+                        continue
+                    if resp.status != 200:
+                        body = await resp.read()
+                        raise _status_error(_Reply(resp.status, resp.headers, body), host, path)
+                    yield resp
+                    return
+            except (aiohttp.ClientError, OSError) as err:
+                raise RegistryError(
+                    "network", f"reading {digest} from {host}: {_short_error(err)}"
+                ) from err
+        raise RegistryError("auth", f"{host} rejected the configured credentials")
 
     async def fetch_blob(self, host: str, repository: str, digest: str) -> int:
         """Download a blob and check its digest, discarding the bytes (warms a pull-through cache).
 
         Returns the number of bytes read.
         """
-        path = f"/v2/{repository}/blobs/{digest}"
-        scope = f"repository:{repository}:pull"
-        head = await self._request("HEAD", host, path, scope=scope, operation="blob_head")
-        if head.status != 200:
-            raise _status_error(head, host, path)
-        headers = {}
-        auth = await self._auth_header(host, scope, challenge=None)
-        if auth:
-            headers["Authorization"] = auth
         algo, _, expected = digest.partition(":")
         hasher = hashlib.new(algo)
         size = 0
-        self.stats.count("blob_get")
-        try:
-            async with self.session.get(
-                self._base(host) + path,
-                headers=headers,
-                ssl=self._host(host).ssl_context(),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout),
-            ) as resp:
-                if resp.status != 200:
-                    raise _status_error(
-                        _Reply(resp.status, resp.headers, await resp.read()), host, path
-                    )
+        async with self._open_blob(host, repository, digest) as resp:
+            try:
                 async for chunk in resp.content.iter_chunked(1 << 20):
                     hasher.update(chunk)
                     size += len(chunk)
-        except (aiohttp.ClientError, OSError) as err:
-            raise RegistryError(
-                "network", f"reading {digest} from {host}: {_short_error(err)}"
-            ) from err
+            except (aiohttp.ClientError, OSError) as err:
+                raise RegistryError(
+                    "network", f"reading {digest} from {host}: {_short_error(err)}"
+                ) from err
         if hasher.hexdigest() != expected:
-            raise RegistryError("protocol", f"{host}{path}: content does not match its digest")
+            raise RegistryError(
+                "protocol", f"{host}/v2/{repository}/blobs/{digest}: content does not match"
+            )
         return size
 
     async def upload_blob(self, host: str, repository: str, data: bytes) -> str:

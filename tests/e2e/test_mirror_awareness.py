@@ -1,0 +1,527 @@
+"""Mirror awareness against real registries: digests, auth, verify-then-rewrite, pinning, prewarm.
+
+The registries are Debian's docker-registry (distribution 2.8.2) started by the harness fixtures:
+htpasswd + TLS, token auth + TLS with a token server, a pull-through mirror of the token registry,
+and a plain-HTTP one. Request counts come from each registry's own metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.commands import mirrorgate_exe
+from tests.registries import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    HarnessRegistry,
+    head_manifest,
+    push_image,
+    registry_requests,
+)
+from webhook.app import VERIFIER, Settings, create_app
+from webhook.config import RegistryAccess, parse_config
+from webhook.metrics import Metrics
+from webhook.registry import RegistryClient, RegistryError
+
+
+def access_for(reg: HarnessRegistry, tmp: Path, *, password: str | None = None) -> RegistryAccess:
+    """registries.<host> settings for ``reg``: its CA and its user's credentials in files."""
+    if reg.credentials is None:
+        return RegistryAccess(
+            ca_file=str(reg.ca_file) if reg.ca_file else None, plain_http=reg.ca_file is None
+        )
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "user").write_text(reg.credentials.username + "\n")
+    (tmp / "password").write_text((password or reg.credentials.password) + "\n")
+    return RegistryAccess(
+        ca_file=str(reg.ca_file),
+        username_file=str(tmp / "user"),
+        password_file=str(tmp / "password"),
+    )
+
+
+def docker_config_access(reg: HarnessRegistry, tmp: Path) -> RegistryAccess:
+    """The same credentials as a mounted pull secret (.dockerconfigjson) would carry them."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    auth = base64.b64encode(reg.credentials.colon.encode()).decode()
+    path = tmp / ".dockerconfigjson"
+    path.write_text(json.dumps({"auths": {f"https://{reg.host}": {"auth": auth}}}))
+    return RegistryAccess(ca_file=str(reg.ca_file), docker_config_file=str(path))
+
+
+def registries_yaml(entries: dict[str, RegistryAccess]) -> str:
+    lines = ["registries:"]
+    for host, a in entries.items():
+        fields = []
+        if a.ca_file:
+            fields.append(f"caFile: {a.ca_file}")
+        if a.plain_http:
+            fields.append("plainHTTP: true")
+        if a.username_file:
+            fields.append(
+                f"auth: {{usernameFile: {a.username_file}, passwordFile: {a.password_file}}}"
+            )
+        if a.docker_config_file:
+            fields.append(f"dockerConfigFile: {a.docker_config_file}")
+        lines.append(f'  "{host}": {{{", ".join(fields)}}}')
+    return "\n".join(lines) + "\n"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# --- the registry client ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("multi", "fmt", "media_type"),
+    [
+        pytest.param(False, None, OCI_MANIFEST, id="an OCI manifest"),
+        pytest.param(False, "v2s2", DOCKER_MANIFEST, id="a Docker v2 manifest"),
+        pytest.param(True, None, OCI_INDEX, id="an OCI image index"),
+        pytest.param(True, "v2s2", DOCKER_MANIFEST_LIST, id="a Docker manifest list"),
+    ],
+)
+def test_digest_resolution_matches_what_the_registry_stored(
+    htpasswd_registry, tmp_path, multi, fmt, media_type
+):
+    tag = f"{'multi' if multi else 'single'}-{fmt or 'oci'}"
+    pushed = push_image(htpasswd_registry, "team/app", tag, multi=multi, format=fmt)
+    access = access_for(htpasswd_registry, tmp_path)
+
+    async def resolve():
+        async with RegistryClient({htpasswd_registry.host: access}) as client:
+            head = await client.head_manifest(htpasswd_registry.host, "team/app", tag)
+            full = await client.get_manifest(htpasswd_registry.host, "team/app", tag)
+            return head, full
+
+    head, full = run(resolve())
+    assert head.digest == pushed and head.media_type == media_type
+    assert full.digest == pushed
+    if multi:
+        assert [p.platform for p in full.platforms] == ["linux/amd64", "linux/arm64"]
+    # Without the Accept types the registry would not have served this manifest as stored.
+    bare = head_manifest(htpasswd_registry, "team/app", tag, accept=None)
+    assert bare.status == 404 or bare.digest != pushed
+
+
+def test_basic_auth_from_a_docker_config_file_and_clear_errors_for_bad_credentials(
+    htpasswd_registry, tmp_path
+):
+    push_image(htpasswd_registry, "team/basic", "v1")
+    host = htpasswd_registry.host
+
+    async def head(access: RegistryAccess):
+        async with RegistryClient({host: access}) as client:
+            return await client.head_manifest(host, "team/basic", "v1")
+
+    assert run(head(docker_config_access(htpasswd_registry, tmp_path / "cfg"))).digest
+    with pytest.raises(RegistryError) as wrong:
+        run(head(access_for(htpasswd_registry, tmp_path / "bad", password="not-the-password")))
+    assert wrong.value.kind == "auth"
+    assert str(wrong.value) == f"{host} rejected the configured credentials"
+    with pytest.raises(RegistryError) as none:
+        run(head(RegistryAccess(ca_file=str(htpasswd_registry.ca_file))))
+    assert none.value.kind == "auth" and "none are configured" in str(none.value)
+    with pytest.raises(RegistryError) as untrusted:
+        run(head(RegistryAccess()))
+    assert untrusted.value.kind == "tls" and "caFile" in str(untrusted.value)
+
+
+def test_bearer_tokens_are_fetched_once_and_reused_until_expiry(
+    token_registry, token_server, tmp_path
+):
+    digest = push_image(token_registry, "team/bearer", "v1")
+    push_image(token_registry, "team/bearer", "v2")
+    host = token_registry.host
+    access = access_for(token_registry, tmp_path)
+    before = token_server.requests
+
+    async def heads():
+        async with RegistryClient({host: access}) as client:
+            first = await client.head_manifest(host, "team/bearer", "v1")
+            await client.head_manifest(host, "team/bearer", "v2")
+            return first
+
+    assert run(heads()).digest == digest
+    # One token for the repository's pull scope, reused for the second tag.
+    assert token_server.requests - before == 1
+
+    with pytest.raises(RegistryError) as wrong:
+        run(
+            RegistryClient(
+                {host: access_for(token_registry, tmp_path / "bad", password="nope")}
+            ).head_manifest(host, "team/bearer", "v1")
+        )
+    assert wrong.value.kind == "auth" and "token service rejected" in str(wrong.value)
+
+
+def test_one_hundred_concurrent_questions_cost_one_registry_request(plain_registry):
+    push_image(plain_registry, "team/burst", "v1")
+    host = plain_registry.host
+    before = registry_requests(plain_registry, "head", "manifest")
+
+    async def burst():
+        async with RegistryClient({host: RegistryAccess(plain_http=True)}) as client:
+            results = await asyncio.gather(
+                *(client.head_manifest(host, "team/burst", "v1") for _ in range(100))
+            )
+            # Answers are cached: another round costs nothing either.
+            await client.head_manifest(host, "team/burst", "v1")
+            return results
+
+    results = run(burst())
+    assert len({r.digest for r in results}) == 1
+    assert registry_requests(plain_registry, "head", "manifest") - before == 1
+
+
+# --- the webhook with verification ---------------------------------------------------------------
+
+
+def admission(image: str, *, uid: str = "u1", dry_run: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": "team-a",
+            "dryRun": dry_run,
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web"},
+                "spec": {"containers": [{"name": "app", "image": image}]},
+            },
+        },
+    }
+
+
+def patched_image(response: dict[str, Any]) -> str | None:
+    if "patch" not in response:
+        return None
+    for op in json.loads(base64.b64decode(response["patch"])):
+        if op["path"] == "/spec/containers/0/image":
+            return op["value"]
+    return None
+
+
+@pytest.fixture
+def proxy_config(token_registry, proxy_mirror, tmp_path):
+    """docker.io-style setup: the token registry is the upstream, the proxy mirrors it."""
+    return (
+        f'mirrors:\n  - {{upstream: "{token_registry.host}", mirror: "{proxy_mirror.host}"}}\n'
+        "pullSecret: {name: mirrorgate-pull}\nverifyTimeout: 3s\n"
+        + registries_yaml({proxy_mirror.host: access_for(proxy_mirror, tmp_path / "m")})
+    )
+
+
+async def test_an_image_the_mirror_serves_is_rewritten_and_one_it_lacks_falls_back(
+    aiohttp_client, token_registry, proxy_mirror, proxy_config
+):
+    push_image(token_registry, "team/web", "v1")
+    metrics = Metrics()
+    client = await aiohttp_client(create_app(Settings(parse_config(proxy_config)), metrics=metrics))
+
+    r = await client.post("/mutate", json=admission(f"{token_registry.host}/team/web:v1"))
+    resp = (await r.json())["response"]
+    assert patched_image(resp) == f"{proxy_mirror.host}/team/web:v1"
+    assert "warnings" not in resp
+
+    r = await client.post("/mutate", json=admission(f"{token_registry.host}/team/absent:v1"))
+    resp = (await r.json())["response"]
+    assert "patch" not in resp  # the pod keeps its original image and gets no pull secret
+    assert resp["warnings"] == [
+        f'mirrorgate: container "app" keeps image "{token_registry.host}/team/absent:v1": '
+        f"mirror {proxy_mirror.host} cannot serve it (not on the mirror)"
+    ]
+    fallback = metrics.registry.get_sample_value(
+        "mirrorgate_images_fallback_total",
+        {"upstream": token_registry.host, "reason": "not_found"},
+    )
+    assert fallback == 1
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung registry)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("which", "reason"),
+    [
+        pytest.param("hung", "timeout", id="a mirror that never answers"),
+        pytest.param("down", "network", id="a mirror that refuses connections"),
+    ],
+)
+async def test_admission_answers_within_the_budget_whatever_the_mirror_does(
+    aiohttp_client, silent_server, which, reason
+):
+    port = silent_server if which == "hung" else closed_port()
+    config = parse_config(
+        f'mirrors: [{{upstream: docker.io, mirror: "127.0.0.1:{port}"}}]\n'
+        f'verifyTimeout: 500ms\nregistries: {{"127.0.0.1:{port}": {{plainHTTP: true}}}}\n'
+        "registryClient: {timeout: 10s}\n"
+    )
+    metrics = Metrics()
+    client = await aiohttp_client(create_app(Settings(config), metrics=metrics))
+    started = time.monotonic()
+    r = await client.post("/mutate?timeout=10s", json=admission("nginx:1.25"))
+    elapsed = time.monotonic() - started
+    resp = (await r.json())["response"]
+    assert r.status == 200 and "patch" not in resp
+    assert elapsed < 1.5, f"admission took {elapsed:.2f}s with a 0.5s budget"
+    assert "cannot serve it" in resp["warnings"][0]
+    labels = {"upstream": "docker.io", "reason": reason}
+    assert metrics.registry.get_sample_value("mirrorgate_images_fallback_total", labels) == 1
+
+
+async def test_the_api_servers_timeout_caps_the_budget(aiohttp_client, silent_server):
+    config = parse_config(
+        f'mirrors: [{{upstream: docker.io, mirror: "127.0.0.1:{silent_server}"}}]\n'
+        f'verifyTimeout: 20s\nregistries: {{"127.0.0.1:{silent_server}": {{plainHTTP: true}}}}\n'
+    )
+    client = await aiohttp_client(create_app(Settings(config)))
+    started = time.monotonic()
+    r = await client.post("/mutate?timeout=1s", json=admission("nginx:1.25"))
+    assert r.status == 200 and time.monotonic() - started < 1.2
+
+
+async def test_one_hundred_concurrent_admissions_of_a_new_image_make_one_registry_request(
+    aiohttp_client, plain_registry
+):
+    push_image(plain_registry, "library/redis", "7")
+    config = parse_config(
+        f'mirrors: [{{upstream: docker.io, mirror: "{plain_registry.host}"}}]\n'
+        f'registries: {{"{plain_registry.host}": {{plainHTTP: true}}}}\n'
+    )
+    client = await aiohttp_client(create_app(Settings(config)))
+    before = registry_requests(plain_registry, "head", "manifest")
+    replies = await asyncio.gather(
+        *(client.post("/mutate", json=admission("redis:7", uid=f"u{i}")) for i in range(100))
+    )
+    images = {patched_image((await r.json())["response"]) for r in replies}
+    assert images == {f"{plain_registry.host}/library/redis:7"}
+    assert registry_requests(plain_registry, "head", "manifest") - before == 1
+
+
+async def test_pin_digests_rewrites_to_the_digest_the_mirror_resolved(
+    aiohttp_client, plain_registry
+):
+    digest = push_image(plain_registry, "library/pinned", "1.0", multi=True)
+    config = parse_config(
+        f'mirrors: [{{upstream: docker.io, mirror: "{plain_registry.host}"}}]\npinDigests: true\n'
+        f'registries: {{"{plain_registry.host}": {{plainHTTP: true}}}}\n'
+    )
+    client = await aiohttp_client(create_app(Settings(config)))
+    r = await client.post("/mutate", json=admission("pinned:1.0"))
+    resp = (await r.json())["response"]
+    assert patched_image(resp) == f"{plain_registry.host}/library/pinned:1.0@{digest}"
+    ops = json.loads(base64.b64decode(resp["patch"]))
+    annotations = next(op["value"] for op in ops if op["path"] == "/metadata/annotations")
+    assert json.loads(annotations["mirrorgate.io/pinned-digests"]) == {"app": digest}
+
+
+async def test_a_copy_mirror_gets_a_missing_image_in_the_background_for_the_next_pod(
+    aiohttp_client, htpasswd_registry, plain_registry, tmp_path
+):
+    digest = push_image(htpasswd_registry, "team/lazy", "v3", multi=True)
+    config = parse_config(
+        f'mirrors: [{{upstream: "{htpasswd_registry.host}", mirror: "{plain_registry.host}/copy",'
+        " type: copy}]\n"
+        + registries_yaml(
+            {
+                htpasswd_registry.host: access_for(htpasswd_registry, tmp_path),
+                plain_registry.host: RegistryAccess(plain_http=True),
+            }
+        )
+        + "registryClient: {negativeTTL: 100ms}\n"
+    )
+    metrics = Metrics()
+    app = create_app(Settings(config), metrics=metrics)
+    client = await aiohttp_client(app)
+    image = f"{htpasswd_registry.host}/team/lazy:v3"
+
+    first = (await (await client.post("/mutate", json=admission(image))).json())["response"]
+    assert "patch" not in first and "not on the mirror" in first["warnings"][0]
+    await app[VERIFIER].drain()
+    assert (
+        metrics.registry.get_sample_value("mirrorgate_mirror_copies_total", {"result": "copied"})
+        == 1
+    )
+    await asyncio.sleep(0.15)  # let the negative answer expire
+
+    second = (await (await client.post("/mutate", json=admission(image))).json())["response"]
+    assert patched_image(second) == f"{plain_registry.host}/copy/team/lazy:v3"
+    copied = head_manifest(plain_registry, "copy/team/lazy", "v3")
+    assert copied.digest == digest  # byte-for-byte copy: the index digest is preserved
+
+
+async def test_a_dry_run_admission_starts_no_copy(
+    aiohttp_client, htpasswd_registry, plain_registry, tmp_path
+):
+    push_image(htpasswd_registry, "team/dry", "v1")
+    config = parse_config(
+        f'mirrors: [{{upstream: "{htpasswd_registry.host}", mirror: "{plain_registry.host}/dry",'
+        " type: copy}]\n"
+        + registries_yaml(
+            {
+                htpasswd_registry.host: access_for(htpasswd_registry, tmp_path),
+                plain_registry.host: RegistryAccess(plain_http=True),
+            }
+        )
+    )
+    metrics = Metrics()
+    app = create_app(Settings(config), metrics=metrics)
+    client = await aiohttp_client(app)
+    image = f"{htpasswd_registry.host}/team/dry:v1"
+    await client.post("/mutate", json=admission(image, dry_run=True))
+    await app[VERIFIER].drain()
+    assert (
+        metrics.registry.get_sample_value("mirrorgate_mirror_copies_total", {"result": "copied"})
+        is None
+    )
+    assert head_manifest(plain_registry, "dry/team/dry", "v1").status == 404
+
+
+# --- mirrorgate prewarm ----------------------------------------------------------------------
+
+
+def test_prewarm_copies_a_multi_arch_image_with_its_index_digest_and_reports_per_image(
+    htpasswd_registry, plain_registry, tmp_path
+):
+    digest = push_image(htpasswd_registry, "team/tool", "2.0", multi=True)
+    config = tmp_path / "mirrorgate.yaml"
+    config.write_text(
+        f'mirrors: [{{upstream: "{htpasswd_registry.host}", mirror: "{plain_registry.host}/hosted",'
+        " type: hosted}]\n"
+        + registries_yaml(
+            {
+                htpasswd_registry.host: access_for(htpasswd_registry, tmp_path / "a"),
+                plain_registry.host: RegistryAccess(plain_http=True),
+            }
+        )
+    )
+    manifests = tmp_path / "k8s"
+    manifests.mkdir()
+    (manifests / "deploy.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: tool}\nspec:\n  template:\n"
+        "    spec:\n      containers:\n"
+        f"      - {{name: t, image: '{htpasswd_registry.host}/team/tool:2.0'}}\n"
+        f"      - {{name: m, image: '{htpasswd_registry.host}/team/missing:1'}}\n"
+    )
+    r = subprocess.run(
+        [
+            mirrorgate_exe(),
+            "prewarm",
+            "--config",
+            str(config),
+            "--from-manifests",
+            str(manifests),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr  # one image is missing upstream
+    report = {item["image"]: item for item in json.loads(r.stdout)}
+    ok = report[f"{htpasswd_registry.host}/team/tool:2.0"]
+    assert ok["status"] == "copied" and ok["digest"] == digest
+    assert ok["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert report[f"{htpasswd_registry.host}/team/missing:1"]["status"] == "failed"
+    assert head_manifest(plain_registry, "hosted/team/tool", "2.0").digest == digest
+
+    again = subprocess.run(
+        [
+            mirrorgate_exe(),
+            "prewarm",
+            "--config",
+            str(config),
+            f"{htpasswd_registry.host}/team/tool:2.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        again.returncode == 0
+        and "0 blobs copied" in again.stdout
+        and "already there" in again.stdout
+    )
+
+
+def test_prewarm_through_a_pull_through_mirror_caches_every_layer(
+    token_registry, proxy_mirror, tmp_path
+):
+    push_image(token_registry, "team/warm", "v1", multi=True)
+    config = tmp_path / "mirrorgate.yaml"
+    config.write_text(
+        f'mirrors: [{{upstream: "{token_registry.host}", mirror: "{proxy_mirror.host}"}}]\n'
+        + registries_yaml({proxy_mirror.host: access_for(proxy_mirror, tmp_path)})
+    )
+
+    def upstream_blob_reads() -> float:
+        return registry_requests(token_registry, "get", "blob", code=200)
+
+    def prewarm() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                mirrorgate_exe(),
+                "prewarm",
+                "--config",
+                str(config),
+                f"{token_registry.host}/team/warm:v1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    before = upstream_blob_reads()
+    r = prewarm()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warmed" in r.stdout and "2 platforms" in r.stdout
+    # 2 configs + 2 layers came from the upstream (distribution's proxy reads each twice on a
+    # miss: once to answer, once to store) and end up in the mirror's storage...
+    first = upstream_blob_reads() - before
+    assert first >= 4
+
+    def stored_blobs() -> int:
+        return len(list(proxy_mirror.data_dir.rglob("blobs/sha256/*/*/data")))
+
+    deadline = time.monotonic() + 10
+    while stored_blobs() < 7 and time.monotonic() < deadline:  # index, 2 manifests, 4 blobs
+        time.sleep(0.1)
+    assert stored_blobs() >= 7
+    # ...where they stay: warming again reads no blob from the upstream.
+    assert prewarm().returncode == 0
+    assert upstream_blob_reads() - before == first
