@@ -9,6 +9,7 @@ value.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,68 @@ class RegistryClientSettings:
 @dataclass(frozen=True, slots=True)
 class PullSecret:
     name: str
+    # "<namespace>/<name>" of the kubernetes.io/dockerconfigjson Secret copied into every namespace
+    # in scope; None: mirrorgate only references the secret, someone else provides it.
+    source: str | None = None
+    patch_service_accounts: bool = False
+
+    @property
+    def source_namespace(self) -> str | None:
+        return self.source.split("/", 1)[0] if self.source else None
+
+    @property
+    def source_name(self) -> str | None:
+        return self.source.split("/", 1)[1] if self.source else None
+
+
+Severity = Literal["Unknown", "Negligible", "Low", "Medium", "High", "Critical"]
+SEVERITIES: tuple[Severity, ...] = ("Unknown", "Negligible", "Low", "Medium", "High", "Critical")
+Action = Literal["deny", "warn", "allow"]
+ACTIONS: tuple[Action, ...] = ("deny", "warn", "allow")
+ScanMode = Literal["enforce", "audit"]
+SCAN_MODES: tuple[ScanMode, ...] = ("enforce", "audit")
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """An exception: vulnerability ``id`` is accepted in ``images`` until the end of ``until``."""
+
+    id: str
+    images: tuple[str, ...]
+    until: dt.date
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClairSettings:
+    url: str
+    psk_file: str
+    issuer: str = "mirrorgate"
+
+
+@dataclass(frozen=True, slots=True)
+class EventAuth:
+    """How /events/* callers prove who they are: a shared bearer token and/or a client cert."""
+
+    token_file: str | None = None
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSettings:
+    clair: ClairSettings
+    block_severity: Severity = "High"
+    fixable_only: bool = False
+    allow: tuple[AllowEntry, ...] = ()
+    on_pending: Action = "deny"
+    on_unavailable: Action = "warn"
+    admission_budget: float = 3.0
+    platforms: tuple[str, ...] = ()
+    mode: ScanMode = "enforce"
+    verdict_ttl: float = 600.0
+    index_concurrency: int = 2
+    queue_size: int = 1000
+    events: EventAuth = field(default_factory=EventAuth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +191,7 @@ class Config:
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
     pin_digests: bool = False
     registry_client: RegistryClientSettings = field(default_factory=RegistryClientSettings)
+    scan: ScanSettings | None = None
     source: str | None = None
 
     @property
@@ -189,6 +253,7 @@ TOP_LEVEL_KEYS = (
     "verifyTimeout",
     "pinDigests",
     "registryClient",
+    "scan",
 )
 
 
@@ -233,6 +298,161 @@ class _Validator:
             ),
             pin_digests=self.boolean(top.get("pinDigests", False), "pinDigests"),
             registry_client=self.registry_client(top.get("registryClient", {})),
+            scan=self.scan(top.get("scan")),
+        )
+
+    def choice(self, value: Any, path: str, allowed: tuple[str, ...], default: str) -> Any:
+        if value not in allowed:
+            self.fail(path, f"{value!r} is not one of {', '.join(allowed)}")
+            return default
+        return value
+
+    def scan(self, value: Any) -> ScanSettings | None:
+        if value is None:
+            return None
+        keys = (
+            "clair",
+            "blockSeverity",
+            "fixableOnly",
+            "allow",
+            "onPending",
+            "onUnavailable",
+            "admissionBudget",
+            "platforms",
+            "mode",
+            "verdictTTL",
+            "indexConcurrency",
+            "queueSize",
+            "events",
+        )
+        m = self.mapping(value, "scan", keys)
+        if m is None:
+            return None
+        d = ScanSettings(clair=ClairSettings(url="", psk_file=""))
+        clair = self.clair(m.get("clair"))
+        platforms: list[str] = []
+        raw_platforms = m.get("platforms", [])
+        if not isinstance(raw_platforms, list):
+            self.fail(
+                "scan.platforms", f"must be a list like [linux/amd64], got {_type(raw_platforms)}"
+            )
+            raw_platforms = []
+        for i, p in enumerate(raw_platforms):
+            text = self.string(p, f"scan.platforms[{i}]")
+            if text is not None and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", text):
+                self.fail(f"scan.platforms[{i}]", f"{text!r} is not os/arch[/variant]")
+            elif text is not None:
+                platforms.append(text)
+
+        def count(key: str, default: int) -> int:
+            v = m.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                self.fail(f"scan.{key}", f"must be a positive integer, got {v!r}")
+                return default
+            return v
+
+        return ScanSettings(
+            clair=clair or d.clair,
+            block_severity=self.choice(
+                m.get("blockSeverity", d.block_severity),
+                "scan.blockSeverity",
+                SEVERITIES,
+                d.block_severity,
+            ),
+            fixable_only=self.boolean(m.get("fixableOnly", False), "scan.fixableOnly"),
+            allow=self.allow_entries(m.get("allow", [])),
+            on_pending=self.choice(
+                m.get("onPending", d.on_pending), "scan.onPending", ACTIONS, d.on_pending
+            ),
+            on_unavailable=self.choice(
+                m.get("onUnavailable", d.on_unavailable),
+                "scan.onUnavailable",
+                ACTIONS,
+                d.on_unavailable,
+            ),
+            admission_budget=self.duration(
+                m.get("admissionBudget", d.admission_budget), "scan.admissionBudget", maximum=25.0
+            ),
+            platforms=tuple(platforms),
+            mode=self.choice(m.get("mode", d.mode), "scan.mode", SCAN_MODES, d.mode),
+            verdict_ttl=self.duration(m.get("verdictTTL", d.verdict_ttl), "scan.verdictTTL"),
+            index_concurrency=count("indexConcurrency", d.index_concurrency),
+            queue_size=count("queueSize", d.queue_size),
+            events=self.event_auth(m.get("events", {})),
+        )
+
+    def clair(self, value: Any) -> ClairSettings | None:
+        if value is None:
+            self.fail("scan.clair", "required: {url, pskFile, issuer}")
+            return None
+        m = self.mapping(value, "scan.clair", ("url", "pskFile", "issuer"))
+        if m is None:
+            return None
+        for key in ("url", "pskFile"):
+            if key not in m:
+                self.fail(f"scan.clair.{key}", "required")
+        url = self.string(m.get("url"), "scan.clair.url") if "url" in m else None
+        if url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            self.fail("scan.clair.url", f"{url!r} is not an http(s) URL")
+            url = None
+        psk = self.string(m.get("pskFile"), "scan.clair.pskFile") if "pskFile" in m else None
+        issuer = self.string(m.get("issuer", "mirrorgate"), "scan.clair.issuer")
+        if url is None or psk is None or issuer is None:
+            return None
+        return ClairSettings(url=url.rstrip("/"), psk_file=psk, issuer=issuer)
+
+    def allow_entries(self, value: Any) -> tuple[AllowEntry, ...]:
+        if not isinstance(value, list):
+            self.fail("scan.allow", f"must be a list, got {_type(value)}")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            path = f"scan.allow[{i}]"
+            m = self.mapping(item, path, ("id", "images", "until", "reason"))
+            if m is None:
+                continue
+            for key in ("id", "until", "reason"):
+                if key not in m:
+                    self.fail(f"{path}.{key}", "required (exceptions must say why and expire)")
+            vid = self.string(m.get("id"), f"{path}.id") if "id" in m else None
+            reason = self.string(m.get("reason"), f"{path}.reason") if "reason" in m else None
+            until = m.get("until")
+            if isinstance(until, str):
+                try:
+                    until = dt.date.fromisoformat(until)
+                except ValueError:
+                    until = None
+            is_date = isinstance(until, dt.date) and not isinstance(until, dt.datetime)
+            if "until" in m and not is_date:
+                self.fail(f"{path}.until", f"{m.get('until')!r} is not a date (YYYY-MM-DD)")
+                until = None
+            images_raw = m.get("images", ["*"])
+            images: list[str] = []
+            if not isinstance(images_raw, list) or not images_raw:
+                self.fail(f"{path}.images", "must be a non-empty list of globs")
+            else:
+                for j, g in enumerate(images_raw):
+                    text = self.string(g, f"{path}.images[{j}]")
+                    if text is None:
+                        continue
+                    problem = _glob_problem(text)
+                    if problem:
+                        self.fail(f"{path}.images[{j}]", f"{text!r} is not a valid glob: {problem}")
+                    else:
+                        images.append(text)
+            if vid and reason and until:
+                out.append(AllowEntry(id=vid, images=tuple(images), until=until, reason=reason))
+        return tuple(out)
+
+    def event_auth(self, value: Any) -> EventAuth:
+        m = self.mapping(value, "scan.events", ("tokenFile", "clientCAFile"))
+        if m is None:
+            return EventAuth()
+        token = m.get("tokenFile")
+        ca = m.get("clientCAFile")
+        return EventAuth(
+            token_file=self.string(token, "scan.events.tokenFile") if token is not None else None,
+            client_ca_file=self.string(ca, "scan.events.clientCAFile") if ca is not None else None,
         )
 
     def boolean(self, value: Any, path: str) -> bool:
@@ -422,7 +642,7 @@ class _Validator:
     def pull_secret(self, value: Any) -> PullSecret | None:
         if value is None:
             return None
-        m = self.mapping(value, "pullSecret", ("name",))
+        m = self.mapping(value, "pullSecret", ("name", "source", "patchServiceAccounts"))
         if m is None:
             return None
         if "name" not in m:
@@ -437,7 +657,22 @@ class _Validator:
                 f"{name!r} is not a valid Secret name (lowercase RFC 1123 subdomain, at most 253)",
             )
             return None
-        return PullSecret(name=name)
+        source = m.get("source")
+        if source is not None:
+            text = self.string(source, "pullSecret.source")
+            ns, sep, sname = (text or "").partition("/")
+            if text is not None and (
+                not sep or not _DNS1123_LABEL.match(ns) or not _DNS1123_SUBDOMAIN.match(sname)
+            ):
+                self.fail("pullSecret.source", f"{text!r} is not <namespace>/<secret name>")
+                text = None
+            source = text
+        patch = self.boolean(
+            m.get("patchServiceAccounts", False), "pullSecret.patchServiceAccounts"
+        )
+        if patch and source is None:
+            self.fail("pullSecret.patchServiceAccounts", "needs pullSecret.source")
+        return PullSecret(name=name, source=source, patch_service_accounts=patch)
 
     def namespaces(self, value: Any) -> Namespaces:
         m = self.mapping(value, "namespaces", ("mode", "exclude"))
