@@ -249,3 +249,108 @@ def test_bad_registry_settings_name_the_key_path(text, expected):
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert expected in str(info.value)
+
+
+SCAN = """\
+scan:
+  clair: {url: "http://clair:6060/", pskFile: /etc/mirrorgate/clair-psk, issuer: mirrorgate}
+  blockSeverity: High
+  fixableOnly: false
+  allow:
+    - {id: CVE-2024-1234, images: ["*/library/nginx*"], until: 2027-03-31, reason: "not reachable"}
+  onPending: deny
+  onUnavailable: warn
+  admissionBudget: 3s
+  platforms: [linux/amd64]
+  mode: enforce
+  events: {tokenFile: /etc/mirrorgate/events-token}
+"""
+
+
+def test_the_documented_scan_policy_loads():
+    import datetime as dt
+
+    scan = parse_config(SCAN).scan
+    assert scan is not None
+    assert scan.clair.url == "http://clair:6060" and scan.clair.issuer == "mirrorgate"
+    assert scan.block_severity == "High" and scan.platforms == ("linux/amd64",)
+    (entry,) = scan.allow
+    assert entry.id == "CVE-2024-1234" and entry.until == dt.date(2027, 3, 31)
+    assert entry.images == ("*/library/nginx*",)
+    assert (scan.on_pending, scan.on_unavailable, scan.admission_budget) == ("deny", "warn", 3.0)
+    assert scan.events.token_file == "/etc/mirrorgate/events-token"
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        pytest.param(
+            "blockSeverity: High",
+            "blockSeverity: Severe",
+            "scan.blockSeverity: 'Severe' is not one of Unknown, Negligible, Low, Medium, "
+            "High, Critical",
+            id="an unknown severity lists the scale",
+        ),
+        pytest.param(
+            "onPending: deny",
+            "onPending: retry",
+            "scan.onPending: 'retry'",
+            id="an unknown onPending action is rejected",
+        ),
+        pytest.param(
+            "until: 2027-03-31",
+            "until: next year",
+            "scan.allow[0].until:",
+            id="an allow entry without a date is rejected",
+        ),
+        pytest.param(
+            ', reason: "not reachable"',
+            "",
+            "scan.allow[0].reason: required",
+            id="an allow entry must say why",
+        ),
+        pytest.param(
+            "platforms: [linux/amd64]",
+            "platforms: [amd64]",
+            "scan.platforms[0]:",
+            id="a platform must be os/arch",
+        ),
+        pytest.param(
+            "mode: enforce", "mode: strict", "scan.mode: 'strict'", id="an unknown mode is rejected"
+        ),
+        pytest.param(
+            'url: "http://clair:6060/"',
+            "url: clair:6060",
+            "scan.clair.url:",
+            id="a Clair URL needs a scheme",
+        ),
+        pytest.param(
+            "admissionBudget: 3s",
+            "admissionBudget: 45s",
+            "longer than 25s",
+            id="a budget beyond the API server's timeout is rejected",
+        ),
+    ],
+)
+def test_bad_scan_policies_name_the_key(replace, by, expected):
+    assert replace in SCAN
+    with pytest.raises(ConfigError) as info:
+        parse_config(SCAN.replace(replace, by))
+    assert expected in str(info.value)
+
+
+def test_pull_secret_source_and_service_account_patching():
+    cfg = parse_config(
+        "pullSecret: {name: mirrorgate-pull, source: docker-registry/mirrorgate-pull,"
+        " patchServiceAccounts: true}"
+    )
+    ps = cfg.pull_secret
+    assert (ps.source_namespace, ps.source_name, ps.patch_service_accounts) == (
+        "docker-registry",
+        "mirrorgate-pull",
+        True,
+    )
+    with pytest.raises(ConfigError, match="pullSecret.source: 'nosource'"):
+        parse_config("pullSecret: {name: p, source: nosource}")
+    with pytest.raises(ConfigError, match="patchServiceAccounts: needs pullSecret.source"):
+        parse_config("pullSecret: {name: p, patchServiceAccounts: true}")

@@ -94,6 +94,10 @@ class RegistryAccess:
     username_file: str | None = None
     password_file: str | None = None
     docker_config_file: str | None = None
+    # Where mirrorgate (and Clair, for layers) reach this registry when the name in image references
+    # only works from the nodes: a NodePort mirror is 127.0.0.1:31000 on a node but a Service
+    # inside the cluster, e.g. http://registry.docker-registry.svc:5000.
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +500,9 @@ class _Validator:
             except InvalidReferenceError as err:
                 self.fail(path, f"{host!r} is not a registry host[:port]: {err}")
                 continue
-            e = self.mapping(entry or {}, path, ("caFile", "plainHTTP", "auth", "dockerConfigFile"))
+            e = self.mapping(
+                entry or {}, path, ("caFile", "plainHTTP", "auth", "dockerConfigFile", "endpoint")
+            )
             if e is None:
                 continue
             auth = e.get("auth")
@@ -520,7 +526,14 @@ class _Validator:
                 ca_file = self.string(ca_file, f"{path}.caFile")
                 if plain:
                     self.fail(f"{path}.caFile", "has no effect with plainHTTP: true")
+            endpoint = e.get("endpoint")
+            if endpoint is not None:
+                endpoint = self.string(endpoint, f"{path}.endpoint")
+                if endpoint and not re.match(r"^https?://[^/\s]+$", endpoint.rstrip("/")):
+                    self.fail(f"{path}.endpoint", f"{endpoint!r} is not http(s)://host[:port]")
+                    endpoint = None
             out[str(host).lower()] = RegistryAccess(
+                endpoint=endpoint.rstrip("/") if endpoint else None,
                 ca_file=ca_file,
                 plain_http=plain,
                 username_file=username_file,

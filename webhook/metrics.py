@@ -87,6 +87,36 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.images_rejected = Counter(
+            "mirrorgate_images_rejected",
+            "Images the vulnerability gate rejected (or, in audit mode, would have), by reason: "
+            "fail, pending, unavailable.",
+            ["namespace", "reason"],
+            registry=r,
+        )
+        self.scan_verdicts = Counter(
+            "mirrorgate_scan_verdicts",
+            "Image verdicts at admission, by outcome and worst blocking severity.",
+            ["outcome", "severity"],
+            registry=r,
+        )
+        self.scan_queue_depth = Gauge(
+            "mirrorgate_scan_queue_depth",
+            "Manifests waiting for or being indexed by Clair.",
+            registry=r,
+        )
+        self.scan_indexed = Counter(
+            "mirrorgate_scan_index_requests",
+            "Clair index requests finished, by result (indexed, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.scan_events = Counter(
+            "mirrorgate_scan_events",
+            "Event callbacks received, by source (clair, registry) and result.",
+            ["source", "result"],
+            registry=r,
+        )
         build_info = Gauge(
             "mirrorgate_build_info",
             "Always 1; the version label says what runs.",

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from webhook.config import RegistryAccess
+from webhook.config import RegistryAccess, RegistryClientSettings
 from webhook.logs import get_logger
 
 log = get_logger("registry")
@@ -259,6 +259,22 @@ class RegistryClient:
         self._on_cache = on_cache
         self.stats = ClientStats()
 
+    @classmethod
+    def from_settings(
+        cls,
+        registries: Mapping[str, RegistryAccess],
+        settings: RegistryClientSettings,
+        **kwargs: Any,
+    ) -> RegistryClient:
+        """A client configured by ``registries`` and ``registryClient`` of mirrorgate.yaml."""
+        return cls(
+            registries,
+            timeout=settings.timeout,
+            max_concurrency=settings.max_concurrency,
+            cache=CacheSettings(settings.positive_ttl, settings.negative_ttl, settings.max_entries),
+            **kwargs,
+        )
+
     async def __aenter__(self) -> RegistryClient:
         return self
 
@@ -277,7 +293,31 @@ class RegistryClient:
         return access
 
     def _base(self, host: str) -> str:
-        return f"{self._host(host).scheme}://{API_HOSTS.get(host, host)}"
+        access = self._host(host)
+        if access.access.endpoint:
+            return access.access.endpoint
+        return f"{access.scheme}://{API_HOSTS.get(host, host)}"
+
+    def blob_url(self, host: str, repository: str, digest: str) -> str:
+        return f"{self._base(host)}/v2/{repository}/blobs/{digest}"
+
+    async def authorization(self, host: str, repository: str) -> str | None:
+        """The Authorization header value that pulls from ``repository`` now, or None.
+
+        Handed to Clair so it can fetch layers itself. A Bearer token is obtained (or reused) for
+        the repository's pull scope.
+        """
+        scope = f"repository:{repository}:pull"
+        header = await self._auth_header(host, scope, challenge=None)
+        if header is not None:
+            return header
+        # Not known yet (or a Bearer token for another scope): one ping reveals the challenge.
+        reply = await self._request(
+            "GET", host, f"/v2/{repository}/tags/list", scope=scope, operation="ping"
+        )
+        if reply.status not in (200, 401, 404):
+            raise _status_error(reply, host, "/v2/")
+        return await self._auth_header(host, scope, challenge=None)
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -16,6 +16,7 @@ import jsonpatch
 
 from webhook.config import Config
 from webhook.mutation import (
+    CONTAINER_FIELDS,
     Checks,
     ContainerDecision,
     MutationResult,
@@ -127,6 +128,46 @@ def mirror_candidates(result: ReviewResult) -> list[str]:
     return list(seen)
 
 
+def images_to_validate(req: AdmissionRequest, config: Config, *, own_namespace: str) -> list[str]:
+    """The images this request brings into the cluster and that the gate must judge.
+
+    CREATE: every image. UPDATE (and ephemeral containers): only images that differ from the
+    stored pod, so an unrelated edit of a running pod is never denied because its image has
+    since become vulnerable. Excluded namespaces and other resources: none.
+    """
+    if req.resource != "pods" or req.sub_resource not in ("", "ephemeralcontainers"):
+        return []
+    if req.operation not in MUTATED_OPERATIONS or not isinstance(req.obj, dict):
+        return []
+    if config.namespaces.excluded(req.namespace, own_namespace=own_namespace):
+        return []
+    if req.kind == "EphemeralContainers":
+        containers = _listed(req.obj, ("ephemeralContainers",))
+        old = (
+            _listed(req.old_obj, ("ephemeralContainers",)) if isinstance(req.old_obj, dict) else {}
+        )
+    elif req.kind == "Pod":
+        spec = req.obj.get("spec") if isinstance(req.obj.get("spec"), dict) else {}
+        containers = _listed(spec, CONTAINER_FIELDS)
+        old_spec = (req.old_obj or {}).get("spec") if isinstance(req.old_obj, dict) else None
+        old = _listed(old_spec, CONTAINER_FIELDS) if req.operation == "UPDATE" else {}
+    else:
+        return []
+    images = [img for key, img in containers.items() if old.get(key) != img]
+    return list(dict.fromkeys(images))
+
+
+def _listed(spec: Any, fields: tuple[str, ...]) -> dict[tuple[str, str], str]:
+    out: dict[tuple[str, str], str] = {}
+    if not isinstance(spec, dict):
+        return out
+    for fld in fields:
+        for c in spec.get(fld) or []:
+            if isinstance(c, dict) and isinstance(c.get("image"), str) and c["image"]:
+                out[(fld, str(c.get("name", "")))] = c["image"]
+    return out
+
+
 def _respond(req: AdmissionRequest, result: MutationResult) -> ReviewResult:
     patch = jsonpatch.make_patch(req.obj, result.obj).patch
     response = build_response(req.uid, patch=patch, warnings=result.warnings)
@@ -157,6 +198,7 @@ def build_response(
     patch: list[dict[str, Any]] | None = None,
     warnings: list[str] | None = None,
     status: dict[str, Any] | None = None,
+    audit_annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """An AdmissionReview v1 response document that echoes ``uid``."""
     response: dict[str, Any] = {"uid": uid, "allowed": allowed}
@@ -169,6 +211,8 @@ def build_response(
         response["warnings"] = list(warnings)
     if status:
         response["status"] = status
+    if audit_annotations:
+        response["auditAnnotations"] = dict(audit_annotations)
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
 
 

@@ -1,0 +1,230 @@
+"""The vulnerability gate's HTTP side: ``POST /validate`` and the scan event callbacks.
+
+``/validate`` judges the images a pod brings in (policy.py decides, scanner.py knows) and never
+holds the API server longer than ``scan.admissionBudget``. ``/events/clair`` (Clair's notifier) and
+``/events/registry`` (distribution's notifications, for scan-on-push) only accept authenticated
+callers: a shared bearer token from ``scan.events.tokenFile`` or a client certificate signed by
+``scan.events.clientCAFile``; with neither configured they refuse everyone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from webhook.config import Config
+from webhook.logs import get_logger
+from webhook.metrics import Metrics
+from webhook.policy import Decision, ImageVerdict, decide
+from webhook.registry import RegistryClient
+from webhook.reviews import (
+    MAX_BODY_BYTES,
+    AdmissionRequest,
+    BadReviewError,
+    build_response,
+    images_to_validate,
+    parse_review,
+)
+from webhook.scanner import ClairClient, Scanner
+
+log = get_logger("gate")
+SCANNER = web.AppKey("scanner", Scanner)
+SCAN_MODE_LABEL = "mirrorgate.io/scan-mode"
+RESPONSE_MARGIN = 0.5
+
+# Returns the namespace's labels, or None when unknown (no namespace cache in this process).
+NamespaceLabels = Callable[[str], dict[str, str] | None]
+NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
+
+
+def add_gate(app: web.Application, config: Config, metrics: Metrics, *,
+             own_namespace: str) -> None:
+    """Register the gate's routes and its scanner's lifecycle on ``app`` (if scan is configured)."""
+    if config.scan is None:
+        return
+
+    async def scanner_ctx(app: web.Application) -> AsyncIterator[None]:
+        assert config.scan is not None
+        registry = RegistryClient.from_settings(
+            config.registries, config.registry_client, on_request=metrics.registry_request,
+            on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
+        )
+        clair = ClairClient(config.scan.clair)
+        scanner = Scanner(
+            clair, registry, config,
+            on_index=lambda result: metrics.scan_indexed.labels(result).inc(),
+            on_queue=metrics.scan_queue_depth.set,
+        )
+        scanner.start()
+        app[SCANNER] = scanner
+        yield
+        await scanner.close()
+        await clair.close()
+        await registry.close()
+
+    app.cleanup_ctx.append(scanner_ctx)
+    gate = _Gate(config, metrics, own_namespace=own_namespace)
+    app.router.add_post("/validate", gate.validate)
+    app.router.add_post("/events/clair", gate.clair_event)
+    app.router.add_post("/events/registry", gate.registry_event)
+
+
+class _Gate:
+    def __init__(self, config: Config, metrics: Metrics, *, own_namespace: str) -> None:
+        assert config.scan is not None
+        self.config = config
+        self.policy = config.scan
+        self.metrics = metrics
+        self.own_namespace = own_namespace
+        self._token_file = config.scan.events.token_file
+
+    # --- /validate -----------------------------------------------------------------------------
+
+    async def validate(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        m = self.metrics
+        try:
+            req = parse_review(await _read(request))
+        except BadReviewError as err:
+            m.admission_requests.labels("validate", "other", "bad_request").inc()
+            return web.Response(status=400, text=str(err) + "\n")
+        operation = m.operation_label(req.operation)
+        try:
+            images = images_to_validate(req, self.config, own_namespace=self.own_namespace)
+            if not images:
+                return self._answer(req, build_response(req.uid), "allowed", started, operation)
+            scanner = request.app[SCANNER]
+            budget = _budget(request, self.policy.admission_budget)
+            verdicts = await scanner.verdicts(images, budget=budget)
+            mode = self._mode(request, req.namespace)
+            decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
+        except Exception:
+            m.admission_requests.labels("validate", operation, "error").inc()
+            log.exception("internal error while validating", extra={"fields": {"uid": req.uid}})
+            return web.Response(status=500, text=f"internal error reviewing uid {req.uid}\n")
+        self._count(req, verdicts, decision)
+        status = None
+        if not decision.allowed:
+            status = {"code": 403, "reason": "Forbidden", "message": decision.message}
+        response = build_response(
+            req.uid, allowed=decision.allowed, warnings=decision.warnings, status=status,
+            audit_annotations=decision.audit,
+        )
+        self._log(req, verdicts, decision, mode)
+        outcome = "allowed" if decision.allowed else "denied"
+        return self._answer(req, response, outcome, started, operation)
+
+    def _answer(self, req: AdmissionRequest, response: dict, outcome: str, started: float,
+                operation: str) -> web.Response:
+        self.metrics.admission_requests.labels("validate", operation, outcome).inc()
+        self.metrics.admission_duration.labels("validate").observe(time.perf_counter() - started)
+        return web.Response(body=json.dumps(response, separators=(",", ":")).encode(),
+                            content_type="application/json")
+
+    def _mode(self, request: web.Request, namespace: str | None) -> str:
+        lookup = request.app.get(NAMESPACE_LABELS)
+        labels = lookup(namespace) if (lookup and namespace) else None
+        mode = (labels or {}).get(SCAN_MODE_LABEL)
+        return mode if mode in ("enforce", "audit") else self.policy.mode
+
+    def _count(self, req: AdmissionRequest, verdicts: list[ImageVerdict],
+               decision: Decision) -> None:
+        for iv in verdicts:
+            self.metrics.scan_verdicts.labels(iv.outcome, iv.verdict.worst_severity).inc()
+        for _image, outcome in decision.rejected:
+            self.metrics.images_rejected.labels(req.namespace or "", outcome).inc()
+
+    def _log(self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision,
+             mode: str) -> None:
+        fields = {
+            "uid": req.uid, "namespace": req.namespace, "name": req.name,
+            "operation": req.operation, "allowed": decision.allowed, "mode": mode,
+            "dry_run": req.dry_run,
+            "images": [
+                {"image": iv.image, "outcome": iv.outcome, "digest": iv.verdict.digest,
+                 "findings": len(iv.verdict.findings), "detail": iv.verdict.detail or None}
+                for iv in verdicts
+            ],
+        }
+        level = 20 if (not decision.allowed or decision.warnings) else 10
+        log.log(level, "images validated", extra={"fields": fields})
+
+    # --- /events/* -----------------------------------------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token_file:
+            try:
+                token = Path(self._token_file).read_text().strip()
+            except OSError:
+                log.error("cannot read scan.events.tokenFile",
+                          extra={"fields": {"path": self._token_file}})
+                token = ""
+            given = request.headers.get("Authorization", "")
+            if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return True
+        if self.policy.events.client_ca_file:
+            # The TLS layer verified the chain against clientCAFile; a certificate means trust.
+            transport = request.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            if ssl_object is not None and ssl_object.getpeercert():
+                return True
+        return False
+
+    async def clair_event(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            self.metrics.scan_events.labels("clair", "unauthorized").inc()
+            return web.Response(status=401, text="unauthorized\n")
+        try:
+            body = json.loads(await _read(request))
+            notification_id = str(body["notification_id"])
+            callback = str(body["callback"])
+        except (ValueError, KeyError, TypeError, BadReviewError):
+            self.metrics.scan_events.labels("clair", "bad_request").inc()
+            return web.Response(status=400, text="expected {notification_id, callback}\n")
+        # Only ever follow callbacks to the configured Clair: the body must not make mirrorgate
+        # send its Clair credentials anywhere else.
+        if not callback.startswith(self.policy.clair.url + "/"):
+            self.metrics.scan_events.labels("clair", "rejected").inc()
+            return web.Response(status=400, text="callback is not on scan.clair.url\n")
+        fresh = request.app[SCANNER].handle_clair_notification(notification_id, callback)
+        self.metrics.scan_events.labels("clair", "accepted" if fresh else "repeated").inc()
+        # Clair's notifier wants exactly 200, repeats included.
+        return web.Response(status=200, text="ok\n")
+
+    async def registry_event(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            self.metrics.scan_events.labels("registry", "unauthorized").inc()
+            return web.Response(status=401, text="unauthorized\n")
+        try:
+            envelope = json.loads(await _read(request))
+            if not isinstance(envelope, dict):
+                raise ValueError("not an object")
+        except (ValueError, BadReviewError):
+            self.metrics.scan_events.labels("registry", "bad_request").inc()
+            return web.Response(status=400, text="expected a notification envelope\n")
+        queued = request.app[SCANNER].handle_registry_events(envelope)
+        self.metrics.scan_events.labels("registry", "accepted").inc()
+        return web.json_response({"queued": queued})
+
+
+async def _read(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes") from err
+
+
+def _budget(request: web.Request, configured: float) -> float:
+    raw = request.query.get("timeout", "")
+    try:
+        api_timeout = float(raw[:-1]) if raw.endswith("s") else float(raw)
+    except ValueError:
+        return configured
+    return max(0.05, min(configured, api_timeout - RESPONSE_MARGIN))

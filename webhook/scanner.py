@@ -1,0 +1,599 @@
+"""The Clair v4 side of the gate: client, background indexing, verdict cache, notifications.
+
+Clair indexing blocks for seconds to minutes, and an admission may wait at most the API server's
+timeout, so scans happen ahead of admission (on push, on first sight) in a bounded background
+queue, one index request per manifest digest however many admissions ask. Admission waits at most
+``scan.admissionBudget`` and otherwise answers "pending". Verdicts are cached by manifest digest and
+policy, and dropped when Clair notifies that a manifest's vulnerabilities changed.
+
+Facts this is shaped by (reference/clair/README.md): PSK auth is an HS256 JWT signed with the
+base64-decoded key; ``POST /indexer/api/v1/index_report`` blocks until indexed and Clair fetches
+every layer itself with the headers given; ``GET /matcher/api/v1/vulnerability_report/{digest}`` is
+200 with the report (not the spec's 201), 404 before indexing, 202 while the matcher starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from webhook.config import ClairSettings, Config, ScanSettings
+from webhook.images import InvalidReferenceError, parse_reference
+from webhook.logs import get_logger
+from webhook.mirrors import location
+from webhook.policy import ImageVerdict, Verdict, evaluate, worst
+from webhook.registry import MANIFEST_TYPES, Manifest, RegistryClient, RegistryError
+
+log = get_logger("scanner")
+TOKEN_LIFETIME = 300
+INDEX_TIMEOUT = 900.0  # Clair answers the index request only when indexing is done
+UNAVAILABLE_TTL = 5.0  # reuse "Clair is down" briefly instead of hammering it
+SEEN_NOTIFICATIONS = 1024
+
+
+class ClairError(Exception):
+    """A Clair call failed; ``kind``: auth, network, timeout, server, not_ready, index_error."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def psk_token(key: bytes, issuer: str, *, now: float | None = None) -> str:
+    """An HS256 JWT as Clair's PSK auth expects: ``iss`` listed in Clair's config, short-lived."""
+    issued = int(now if now is not None else time.time())
+    header = {"alg": "HS256", "typ": "JWT"}
+    claims = {"iss": issuer, "iat": issued, "nbf": issued - 30, "exp": issued + TOKEN_LIFETIME}
+    signing_input = (
+        _b64url(json.dumps(header, separators=(",", ":")).encode())
+        + "."
+        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    )
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+class ClairClient:
+    """Clair v4's indexer, matcher and notifier APIs with PSK auth."""
+
+    def __init__(self, settings: ClairSettings, *, timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._key: bytes | None = None
+        self._key_stamp: tuple[int, int, int] | None = None
+        self._token: tuple[str, float] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _psk(self) -> bytes:
+        path = Path(self.settings.psk_file)
+        try:
+            st = path.stat()
+        except OSError as err:
+            raise ClairError(
+                "auth", f"cannot read scan.clair.pskFile {path}: {err.strerror or err}"
+            ) from err
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._key is None or stamp != self._key_stamp:
+            try:
+                self._key = base64.b64decode(path.read_text().strip(), validate=True)
+            except (OSError, ValueError) as err:
+                raise ClairError(
+                    "auth", f"scan.clair.pskFile {path} is not base64 (Clair's auth.psk.key format)"
+                ) from err
+            self._key_stamp, self._token = stamp, None
+        return self._key
+
+    def _authorization(self) -> str:
+        key = self._psk()
+        now = time.time()
+        if self._token is None or self._token[1] < now + 30:
+            self._token = (psk_token(key, self.settings.issuer, now=now), now + TOKEN_LIFETIME)
+        return f"Bearer {self._token[0]}"
+
+    async def _call(
+        self, method: str, url: str, *, body: Any = None, timeout: float | None = None
+    ) -> tuple[int, bytes]:
+        headers = {"Authorization": self._authorization()}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
+        try:
+            async with self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+            ) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError as err:
+            raise ClairError("timeout", f"Clair at {self.url} did not answer in time") from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise ClairError("network", f"Clair at {self.url} unreachable: {err}") from err
+
+    def _check(self, status: int, body: bytes, what: str) -> None:
+        if status in (401, 403):
+            raise ClairError(
+                "auth",
+                f"Clair refused {what} (HTTP {status}): check "
+                "scan.clair.pskFile and issuer against Clair's auth.psk",
+            )
+        if status == 429 or status >= 500:
+            raise ClairError("server", f"Clair answered HTTP {status} to {what}")
+
+    async def index(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """POST the manifest for indexing; returns the IndexReport once Clair is done."""
+        status, body = await self._call(
+            "POST",
+            f"{self.url}/indexer/api/v1/index_report",
+            body=manifest,
+            timeout=INDEX_TIMEOUT,
+        )
+        self._check(status, body, "an index request")
+        if status not in (200, 201):
+            raise ClairError("server", f"Clair answered HTTP {status} to an index request")
+        report = _json(body)
+        if report.get("state") == "IndexError" or report.get("success") is False:
+            raise ClairError(
+                "index_error",
+                f"Clair could not index {manifest.get('hash')}: "
+                f"{report.get('err') or 'IndexError'}",
+            )
+        return report
+
+    async def vulnerability_report(self, digest: str) -> dict[str, Any] | None:
+        """The report, or None when Clair has not indexed ``digest``."""
+        status, body = await self._call(
+            "GET", f"{self.url}/matcher/api/v1/vulnerability_report/{digest}"
+        )
+        if status == 404:
+            return None
+        if status == 202:
+            raise ClairError("not_ready", f"Clair's matcher at {self.url} is still starting")
+        self._check(status, body, "a vulnerability report request")
+        if status not in (200, 201):
+            raise ClairError("server", f"Clair answered HTTP {status} to a report request")
+        return _json(body)
+
+    async def notification_page(
+        self, callback: str, *, page_size: int, next_id: str | None
+    ) -> dict[str, Any]:
+        params = f"?page_size={page_size}" + (f"&next={next_id}" if next_id else "")
+        status, body = await self._call("GET", callback + params)
+        self._check(status, body, "a notification page request")
+        if status != 200:
+            raise ClairError("server", f"Clair answered HTTP {status} to a notification page")
+        return _json(body)
+
+    async def delete_notification(self, callback: str) -> None:
+        status, body = await self._call("DELETE", callback)
+        self._check(status, body, "a notification delete")
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as err:
+        raise ClairError("server", "Clair answered something that is not JSON") from err
+    if not isinstance(doc, dict):
+        raise ClairError("server", "Clair answered JSON that is not an object")
+    return doc
+
+
+@dataclass
+class _CachedVerdict:
+    verdict: Verdict
+    expires: float
+
+
+class Scanner:
+    """Verdicts for images: cached, single-flight, indexed in the background."""
+
+    def __init__(
+        self,
+        clair: ClairClient,
+        registry: RegistryClient,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        today: Callable[[], dt.date] = lambda: dt.datetime.now(dt.UTC).date(),
+        on_index: Callable[[str], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+    ) -> None:
+        assert config.scan is not None
+        self.clair = clair
+        self.registry = registry
+        self.config = config
+        self.policy: ScanSettings = config.scan
+        self._clock = clock
+        self._today = today
+        self._verdicts: OrderedDict[str, _CachedVerdict] = OrderedDict()
+        self._reports: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
+        self._indexing: dict[str, asyncio.Future[None]] = {}
+        self._queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(self.policy.queue_size)
+        self._workers: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._seen_notifications: OrderedDict[str, None] = OrderedDict()
+        self._on_index = on_index
+        self._on_queue = on_queue
+        self.index_requests = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.policy.index_concurrency):
+            self._workers.append(asyncio.ensure_future(self._worker()))
+
+    async def close(self) -> None:
+        for task in [*self._workers, *self._background]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
+        self._workers.clear()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + sum(1 for f in self._indexing.values() if not f.done())
+
+    # --- verdicts ------------------------------------------------------------------------------
+
+    async def verdicts(self, images: Sequence[str], *, budget: float) -> list[ImageVerdict]:
+        """One verdict per image; nothing waits past ``budget`` seconds."""
+        deadline = self._clock() + budget
+        return list(
+            await asyncio.gather(*(self.image_verdict(i, deadline=deadline) for i in images))
+        )
+
+    async def image_verdict(self, image: str, *, deadline: float) -> ImageVerdict:
+        try:
+            ref = parse_reference(image)
+        except InvalidReferenceError as err:
+            return ImageVerdict(image, Verdict("unavailable", detail=f"invalid reference: {err}"))
+        host, repo, reference = location(ref)
+        try:
+            top = await self._wait(self.registry.get_manifest(host, repo, reference), deadline)
+        except TimeoutError:
+            return ImageVerdict(
+                image,
+                Verdict(
+                    "unavailable",
+                    detail=f"registry {host} did not answer within the admission budget",
+                ),
+            )
+        except RegistryError as err:
+            what = "image not found" if err.kind == "not_found" else "registry error"
+            return ImageVerdict(image, Verdict("unavailable", detail=f"{what}: {err}"))
+        targets = self._targets(top)
+        if not targets:
+            wanted = ", ".join(self.policy.platforms)
+            return ImageVerdict(
+                image,
+                Verdict(
+                    "unavailable",
+                    digest=top.digest,
+                    detail=f"the image index has no manifest for scan.platforms ({wanted})",
+                ),
+            )
+        platform_verdicts = await asyncio.gather(
+            *(
+                self._manifest_verdict(image, host, repo, digest, platform, deadline)
+                for platform, digest in targets
+            )
+        )
+        verdict = worst(platform_verdicts)
+        if top.is_index and verdict.outcome == "pass":
+            verdict = Verdict("pass", digest=top.digest)
+        return ImageVerdict(image, verdict, tuple(platform_verdicts))
+
+    def _targets(self, top: Manifest) -> list[tuple[str, str]]:
+        if not top.is_index:
+            return [("", top.digest)]
+        wanted = set(self.policy.platforms)
+        out = []
+        for p in top.platforms:
+            if p.platform.startswith("unknown"):
+                continue  # build attestations, not runnable images
+            if wanted and p.platform not in wanted and p.platform.rsplit("/", 1)[0] not in wanted:
+                continue
+            out.append((p.platform, p.digest))
+        return out
+
+    async def _manifest_verdict(
+        self, image: str, host: str, repo: str, digest: str, platform: str, deadline: float
+    ) -> Verdict:
+        key = self._key(digest, image)
+        cached = self._verdicts.get(key)
+        now = self._clock()
+        if cached and cached.expires > now:
+            self._verdicts.move_to_end(key)
+            return cached.verdict
+        try:
+            report = await self._wait(self._report(digest), deadline)
+            if report is None:
+                indexing = self._ensure_indexed(host, repo, digest)
+                await self._wait(asyncio.shield(indexing), deadline)
+                report = await self._wait(self._report(digest), deadline)
+                if report is None:
+                    return Verdict(
+                        "pending",
+                        digest=digest,
+                        platform=platform,
+                        detail="indexed, but Clair has no report yet",
+                    )
+        except TimeoutError:
+            return Verdict(
+                "pending", digest=digest, platform=platform, detail="indexing is still running"
+            )
+        except ClairError as err:
+            verdict = Verdict(
+                "unavailable",
+                digest=digest,
+                platform=platform,
+                detail=f"vulnerability scanner unavailable: {err}",
+            )
+            self._remember(key, verdict, UNAVAILABLE_TTL)
+            return verdict
+        except RegistryError as err:
+            return Verdict(
+                "unavailable",
+                digest=digest,
+                platform=platform,
+                detail=f"registry error while preparing the scan: {err}",
+            )
+        verdict = evaluate(
+            report, self.policy, image=image, digest=digest, today=self._today(), platform=platform
+        )
+        self._remember(key, verdict, self.policy.verdict_ttl)
+        return verdict
+
+    def _key(self, digest: str, image: str) -> str:
+        # Allow entries match image globs, so the image name is part of the policy's input.
+        return f"{digest} {image}"
+
+    def _remember(self, key: str, verdict: Verdict, ttl: float) -> None:
+        self._verdicts[key] = _CachedVerdict(verdict, self._clock() + ttl)
+        self._verdicts.move_to_end(key)
+        while len(self._verdicts) > 20_000:
+            self._verdicts.popitem(last=False)
+
+    def invalidate(self, digest: str) -> int:
+        """Forget verdicts for a manifest digest; returns how many were dropped."""
+        keys = [k for k in self._verdicts if k.split(" ", 1)[0] == digest]
+        for k in keys:
+            del self._verdicts[k]
+        return len(keys)
+
+    async def _wait(self, awaitable: Any, deadline: float) -> Any:
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(awaitable, remaining)
+
+    def _report(self, digest: str) -> asyncio.Future[dict[str, Any] | None]:
+        """Single-flight report fetch; the shared request survives a caller that gives up."""
+        future = self._reports.get(digest)
+        if future is None:
+            future = asyncio.ensure_future(self.clair.vulnerability_report(digest))
+            self._reports[digest] = future
+            future.add_done_callback(lambda _f: self._reports.pop(digest, None))
+        return asyncio.shield(future)
+
+    # --- indexing ------------------------------------------------------------------------------
+
+    def _ensure_indexed(self, host: str, repo: str, digest: str) -> asyncio.Future[None]:
+        future = self._indexing.get(digest)
+        if future is not None:
+            return future
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((host, repo, digest))
+        except asyncio.QueueFull:
+            future.set_exception(ClairError("server", "the scan queue is full"))
+            future.exception()  # retrieved: callers see it through await
+            return future
+        self._indexing[digest] = future
+        if self._on_queue:
+            self._on_queue(self.queue_depth)
+        return future
+
+    def enqueue(self, host: str, repo: str, digest: str) -> bool:
+        """Queue a manifest for indexing ahead of admission (scan-on-push, first sight)."""
+        if digest in self._indexing:
+            return False
+        future = self._ensure_indexed(host, repo, digest)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return True
+
+    async def _worker(self) -> None:
+        while True:
+            host, repo, digest = await self._queue.get()
+            future = self._indexing[digest]
+            try:
+                await self._index(host, repo, digest)
+            except (ClairError, RegistryError) as err:
+                log.warning(
+                    "indexing failed",
+                    extra={
+                        "fields": {
+                            "digest": digest,
+                            "repository": f"{host}/{repo}",
+                            "error": str(err),
+                        }
+                    },
+                )
+                if self._on_index:
+                    self._on_index("failed")
+                if not future.done():
+                    future.set_exception(err)
+                    future.exception()
+            except Exception as err:  # a bug must not kill the worker
+                log.exception("indexing crashed", extra={"fields": {"digest": digest}})
+                if not future.done():
+                    future.set_exception(ClairError("server", f"internal error: {err}"))
+                    future.exception()
+            else:
+                if self._on_index:
+                    self._on_index("indexed")
+                if not future.done():
+                    future.set_result(None)
+            finally:
+                self._indexing.pop(digest, None)
+                self._queue.task_done()
+                if self._on_queue:
+                    self._on_queue(self.queue_depth)
+
+    async def _index(self, host: str, repo: str, digest: str) -> None:
+        manifest = await self.registry.get_manifest(host, repo, digest)
+        doc = manifest.json()
+        auth = await self.registry.authorization(host, repo)
+        headers = {"Authorization": [auth]} if auth else {}
+        layers = [
+            {
+                "hash": layer["digest"],
+                "uri": self.registry.blob_url(host, repo, layer["digest"]),
+                "headers": headers,
+            }
+            for layer in doc.get("layers") or []
+        ]
+        self.index_requests += 1
+        started = self._clock()
+        await self.clair.index({"hash": digest, "layers": layers})
+        log.info(
+            "indexed",
+            extra={
+                "fields": {
+                    "digest": digest,
+                    "repository": f"{host}/{repo}",
+                    "layers": len(layers),
+                    "seconds": round(self._clock() - started, 3),
+                }
+            },
+        )
+
+    # --- events --------------------------------------------------------------------------------
+
+    def handle_clair_notification(self, notification_id: str, callback: str) -> bool:
+        """Start processing a Clair notifier webhook; False if it was already seen."""
+        if notification_id in self._seen_notifications:
+            return False
+        self._seen_notifications[notification_id] = None
+        while len(self._seen_notifications) > SEEN_NOTIFICATIONS:
+            self._seen_notifications.popitem(last=False)
+        self._spawn(self._process_notification(notification_id, callback))
+        return True
+
+    async def _process_notification(self, notification_id: str, callback: str) -> None:
+        digests: set[str] = set()
+        next_id: str | None = None
+        try:
+            for _page in range(10_000):
+                page = await self.clair.notification_page(callback, page_size=100, next_id=next_id)
+                for n in page.get("notifications") or []:
+                    if isinstance(n, dict) and isinstance(n.get("manifest"), str):
+                        digests.add(n["manifest"])
+                next_id = (page.get("page") or {}).get("next")
+                if not next_id:
+                    break
+            dropped = sum(self.invalidate(d) for d in digests)
+            await self.clair.delete_notification(callback)
+        except ClairError as err:
+            # Not acknowledged: Clair delivers it again, and it is processed again then.
+            self._seen_notifications.pop(notification_id, None)
+            log.warning(
+                "processing a Clair notification failed",
+                extra={"fields": {"notification_id": notification_id, "error": str(err)}},
+            )
+            return
+        log.info(
+            "Clair notification processed",
+            extra={
+                "fields": {
+                    "notification_id": notification_id,
+                    "manifests": len(digests),
+                    "verdicts_dropped": dropped,
+                }
+            },
+        )
+
+    def handle_registry_events(self, envelope: Mapping[str, Any]) -> int:
+        """Queue pushed manifests (distribution's notification envelope); returns how many."""
+        queued = 0
+        for event in envelope.get("events") or []:
+            if not isinstance(event, dict) or event.get("action") != "push":
+                continue
+            target = event.get("target") or {}
+            media_type = target.get("mediaType")
+            digest, repo, url = target.get("digest"), target.get("repository"), target.get("url")
+            if media_type not in MANIFEST_TYPES or not digest or not repo:
+                continue
+            host = _host_of(url) or (event.get("request") or {}).get("host")
+            if not host:
+                continue
+            self._spawn(self._scan_pushed(host, repo, digest))
+            queued += 1
+        return queued
+
+    async def _scan_pushed(self, host: str, repo: str, digest: str) -> None:
+        try:
+            manifest = await self.registry.get_manifest(host, repo, digest)
+        except RegistryError as err:
+            log.warning(
+                "cannot read a pushed manifest",
+                extra={
+                    "fields": {"repository": f"{host}/{repo}", "digest": digest, "error": str(err)}
+                },
+            )
+            return
+        for platform, child in self._targets(manifest):
+            del platform
+            self.enqueue(host, repo, child)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait until background work is done (tests, CLI)."""
+        while self._background or self._indexing:
+            await asyncio.gather(
+                *self._background, *self._indexing.values(), return_exceptions=True
+            )
+            await asyncio.sleep(0)
+
+
+def _host_of(url: Any) -> str | None:
+    if not isinstance(url, str) or "://" not in url:
+        return None
+    return url.split("://", 1)[1].split("/", 1)[0] or None
