@@ -42,8 +42,7 @@ NamespaceLabels = Callable[[str], dict[str, str] | None]
 NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
 
 
-def add_gate(app: web.Application, config: Config, metrics: Metrics, *,
-             own_namespace: str) -> None:
+def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_namespace: str) -> None:
     """Register the gate's routes and its scanner's lifecycle on ``app`` (if scan is configured)."""
     if config.scan is None:
         return
@@ -51,12 +50,16 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *,
     async def scanner_ctx(app: web.Application) -> AsyncIterator[None]:
         assert config.scan is not None
         registry = RegistryClient.from_settings(
-            config.registries, config.registry_client, on_request=metrics.registry_request,
+            config.registries,
+            config.registry_client,
+            on_request=metrics.registry_request,
             on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
         )
         clair = ClairClient(config.scan.clair)
         scanner = Scanner(
-            clair, registry, config,
+            clair,
+            registry,
+            config,
             on_index=lambda result: metrics.scan_indexed.labels(result).inc(),
             on_queue=metrics.scan_queue_depth.set,
         )
@@ -112,19 +115,25 @@ class _Gate:
         if not decision.allowed:
             status = {"code": 403, "reason": "Forbidden", "message": decision.message}
         response = build_response(
-            req.uid, allowed=decision.allowed, warnings=decision.warnings, status=status,
+            req.uid,
+            allowed=decision.allowed,
+            warnings=decision.warnings,
+            status=status,
             audit_annotations=decision.audit,
         )
         self._log(req, verdicts, decision, mode)
         outcome = "allowed" if decision.allowed else "denied"
         return self._answer(req, response, outcome, started, operation)
 
-    def _answer(self, req: AdmissionRequest, response: dict, outcome: str, started: float,
-                operation: str) -> web.Response:
+    def _answer(
+        self, req: AdmissionRequest, response: dict, outcome: str, started: float, operation: str
+    ) -> web.Response:
         self.metrics.admission_requests.labels("validate", operation, outcome).inc()
         self.metrics.admission_duration.labels("validate").observe(time.perf_counter() - started)
-        return web.Response(body=json.dumps(response, separators=(",", ":")).encode(),
-                            content_type="application/json")
+        return web.Response(
+            body=json.dumps(response, separators=(",", ":")).encode(),
+            content_type="application/json",
+        )
 
     def _mode(self, request: web.Request, namespace: str | None) -> str:
         lookup = request.app.get(NAMESPACE_LABELS)
@@ -132,22 +141,33 @@ class _Gate:
         mode = (labels or {}).get(SCAN_MODE_LABEL)
         return mode if mode in ("enforce", "audit") else self.policy.mode
 
-    def _count(self, req: AdmissionRequest, verdicts: list[ImageVerdict],
-               decision: Decision) -> None:
+    def _count(
+        self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision
+    ) -> None:
         for iv in verdicts:
             self.metrics.scan_verdicts.labels(iv.outcome, iv.verdict.worst_severity).inc()
         for _image, outcome in decision.rejected:
             self.metrics.images_rejected.labels(req.namespace or "", outcome).inc()
 
-    def _log(self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision,
-             mode: str) -> None:
+    def _log(
+        self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision, mode: str
+    ) -> None:
         fields = {
-            "uid": req.uid, "namespace": req.namespace, "name": req.name,
-            "operation": req.operation, "allowed": decision.allowed, "mode": mode,
+            "uid": req.uid,
+            "namespace": req.namespace,
+            "name": req.name,
+            "operation": req.operation,
+            "allowed": decision.allowed,
+            "mode": mode,
             "dry_run": req.dry_run,
             "images": [
-                {"image": iv.image, "outcome": iv.outcome, "digest": iv.verdict.digest,
-                 "findings": len(iv.verdict.findings), "detail": iv.verdict.detail or None}
+                {
+                    "image": iv.image,
+                    "outcome": iv.outcome,
+                    "digest": iv.verdict.digest,
+                    "findings": len(iv.verdict.findings),
+                    "detail": iv.verdict.detail or None,
+                }
                 for iv in verdicts
             ],
         }
@@ -156,15 +176,19 @@ class _Gate:
 
     # --- /events/* -----------------------------------------------------------------------------
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: web.Request, *, clair: ClairClient | None = None) -> bool:
+        given = request.headers.get("Authorization", "")
+        if clair is not None and given.startswith("Bearer ") and clair.verifies(given[7:]):
+            return True  # signed by Clair's notifier with the shared PSK
         if self._token_file:
             try:
                 token = Path(self._token_file).read_text().strip()
             except OSError:
-                log.error("cannot read scan.events.tokenFile",
-                          extra={"fields": {"path": self._token_file}})
+                log.error(
+                    "cannot read scan.events.tokenFile",
+                    extra={"fields": {"path": self._token_file}},
+                )
                 token = ""
-            given = request.headers.get("Authorization", "")
             if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return True
         if self.policy.events.client_ca_file:
@@ -176,7 +200,7 @@ class _Gate:
         return False
 
     async def clair_event(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
+        if not self._authorized(request, clair=request.app[SCANNER].clair):
             self.metrics.scan_events.labels("clair", "unauthorized").inc()
             return web.Response(status=401, text="unauthorized\n")
         try:

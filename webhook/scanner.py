@@ -69,6 +69,47 @@ def psk_token(key: bytes, issuer: str, *, now: float | None = None) -> str:
     return f"{signing_input}.{_b64url(signature)}"
 
 
+CLAIR_NOTIFIER_ISSUER = "clair-notifier"  # the iss of every request Clair's notifier signs
+JWT_LEEWAY = 60
+
+
+def verify_psk_token(
+    token: str, key: bytes, *, issuers: tuple[str, ...], now: float | None = None
+) -> bool:
+    """Whether ``token`` is an HS256 JWT signed with ``key`` by one of ``issuers``, in time.
+
+    Clair's notifier signs its webhook deliveries this way when ``auth.psk`` is configured, so a
+    delivery that verifies comes from a Clair that holds mirrorgate's key.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        header = json.loads(_b64url_decode(parts[0]))
+        claims = json.loads(_b64url_decode(parts[1]))
+        signature = _b64url_decode(parts[2])
+    except ValueError:
+        return False
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        return False
+    expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected) or not isinstance(claims, dict):
+        return False
+    t = now if now is not None else time.time()
+    try:
+        if "exp" in claims and float(claims["exp"]) < t - JWT_LEEWAY:
+            return False
+        if "nbf" in claims and float(claims["nbf"]) > t + JWT_LEEWAY:
+            return False
+    except (TypeError, ValueError):
+        return False
+    return claims.get("iss") in issuers
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 class ClairClient:
     """Clair v4's indexer, matcher and notifier APIs with PSK auth."""
 
@@ -113,6 +154,14 @@ class ClairClient:
                 ) from err
             self._key_stamp, self._token = stamp, None
         return self._key
+
+    def verifies(self, token: str) -> bool:
+        """Whether ``token`` was signed by Clair's notifier with the shared PSK."""
+        try:
+            key = self._psk()
+        except ClairError:
+            return False
+        return verify_psk_token(token, key, issuers=(CLAIR_NOTIFIER_ISSUER,))
 
     def _authorization(self) -> str:
         key = self._psk()
@@ -161,6 +210,14 @@ class ClairClient:
             body=manifest,
             timeout=INDEX_TIMEOUT,
         )
+        if status >= 500:
+            # Real Clair answers a failed layer fetch with 500 and its reason, not with a 201
+            # IndexError report (claircore passes the controller's error up).
+            message = _error_message(body)
+            if message:
+                raise ClairError(
+                    "index_error", f"Clair could not index {manifest.get('hash')}: {message}"
+                )
         self._check(status, body, "an index request")
         if status not in (200, 201):
             raise ClairError("server", f"Clair answered HTTP {status} to an index request")
@@ -200,6 +257,15 @@ class ClairClient:
     async def delete_notification(self, callback: str) -> None:
         status, body = await self._call("DELETE", callback)
         self._check(status, body, "a notification delete")
+
+
+def _error_message(body: bytes) -> str:
+    """The message of Clair's JSON error body ({"code", "message"}), or ""."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return ""
+    return str(doc.get("message") or "") if isinstance(doc, dict) else ""
 
 
 def _json(body: bytes) -> dict[str, Any]:
@@ -597,3 +663,19 @@ def _host_of(url: Any) -> str | None:
     if not isinstance(url, str) or "://" not in url:
         return None
     return url.split("://", 1)[1].split("/", 1)[0] or None
+
+
+async def scan_images(
+    config: Config, images: Sequence[str], *, timeout: float
+) -> list[ImageVerdict]:
+    """``mirrorgate scan``: the admission path with a long budget, from the command line."""
+    assert config.scan is not None
+    async with RegistryClient.from_settings(config.registries, config.registry_client) as registry:
+        clair = ClairClient(config.scan.clair)
+        scanner = Scanner(clair, registry, config)
+        scanner.start()
+        try:
+            return await scanner.verdicts(images, budget=timeout)
+        finally:
+            await scanner.close()
+            await clair.close()

@@ -20,6 +20,9 @@ E2E_DIR = Path(__file__).parent
 # A user that exists (token auth) but is bound to nothing until a test binds it.
 VIEWER = "viewer"
 VIEWER_GROUPS = ("mirrorgate:e2e-viewers",)
+# The identity `mirrorgate serve` runs as in the pull-secret tests: bound only to the RBAC rules
+# webhook.pullsecrets documents, never admin.
+WEBHOOK_USER = "mirrorgate-webhook"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,6 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
     plane.add_user(VIEWER, VIEWER_GROUPS)
+    plane.add_user(WEBHOOK_USER)
     try:
         plane.start()
     except LocalClusterError as err:
@@ -47,6 +51,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 def viewer_token(control_plane: ControlPlane) -> str:
     """Bearer token of the user `viewer`: authenticated, but bound to no role."""
     return control_plane.tokens[VIEWER]
+
+
+@pytest.fixture(scope="session")
+def webhook_user_token(control_plane: ControlPlane) -> str:
+    """Bearer token of `mirrorgate-webhook`: bound to nothing until a test binds it."""
+    return control_plane.tokens[WEBHOOK_USER]
 
 
 @pytest.fixture
@@ -163,3 +173,25 @@ def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness
     """Plain HTTP, no auth (ca_file, cert_dir and credentials are None)."""
     registry = HarnessRegistry(tmp_path_factory.mktemp("plain-registry"))
     yield from _running(registry)  # type: ignore[misc]
+
+
+# A Clair v4 stand-in (tests/clair_standin.py): Clair's real HTTP API (PSK auth, index, reports,
+# notifier pages) on 127.0.0.1, trusting the registry CA to fetch layers. One per test: fresh state.
+import base64  # noqa: E402 - appended section, kept apart from the fixtures above
+import secrets  # noqa: E402
+
+from tests.clair_standin import ClairStandIn  # noqa: E402
+
+CLAIR_ISSUER = "mirrorgate"
+
+
+@pytest.fixture
+def clair(registry_pki: RegistryPKI) -> Iterator[ClairStandIn]:
+    """Running, with a random 32-byte PSK (`psk_b64`) and issuer `mirrorgate`; stopped after."""
+    standin = ClairStandIn(
+        base64.b64encode(secrets.token_bytes(32)).decode(),
+        [CLAIR_ISSUER],
+        ca_file=registry_pki.ca_file,
+    )
+    with standin:
+        yield standin
