@@ -7,21 +7,33 @@ counts it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
+from webhook.gate import add_gate
+from webhook.leader import ElectionSettings
 from webhook.logs import get_logger
 from webhook.metrics import Metrics
 from webhook.mirrors import MirrorVerifier
+from webhook.pullsecrets import (
+    CopyResult,
+    PullSecretSync,
+    Target,
+    admission_warning,
+    injected_pull_secret,
+    running_sync,
+)
 from webhook.registry import CacheSettings, RegistryClient
 from webhook.reviews import (
     MAX_BODY_BYTES,
+    AdmissionRequest,
     BadReviewError,
     ReviewResult,
     mirror_candidates,
@@ -36,13 +48,18 @@ log = get_logger("admission")
 class Settings:
     config: Config
     own_namespace: str = DEFAULT_OWN_NAMESPACE
+    # Who writes pull-secret copies (only used when pullSecret.source is set).
+    election: ElectionSettings = field(default_factory=ElectionSettings)
 
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", MirrorVerifier)
+PULL_SECRETS = web.AppKey("pull_secrets", PullSecretSync)
 # Leave the API server this much of its own timeout for our answer to travel back.
 RESPONSE_MARGIN = 0.5
+# Longest an admission waits for a missing pull-secret copy to be created.
+ENSURE_COPY_TIMEOUT = 5.0
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
@@ -52,7 +69,10 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[METRICS] = metrics if metrics is not None else Metrics()
     if settings.config.needs_registry:
         app.cleanup_ctx.append(_registry_ctx)
+    if Target.from_config(settings.config, own_namespace=settings.own_namespace) is not None:
+        app.cleanup_ctx.append(_pull_secrets_ctx)
     app.router.add_post("/mutate", handle_mutate)
+    add_gate(app, settings.config, app[METRICS], own_namespace=settings.own_namespace)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_health)
     return app
@@ -89,6 +109,16 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[VERIFIER].close()
     await client.close()
+
+
+async def _pull_secrets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Copies of the pull secret: watches on every replica, writes by the lease holder."""
+    settings = app[SETTINGS]
+    target = Target.from_config(settings.config, own_namespace=settings.own_namespace)
+    assert target is not None
+    async with running_sync(target, election=settings.election, metrics=app[METRICS]) as sync:
+        app[PULL_SECRETS] = sync
+        yield
 
 
 def admission_budget(request: web.Request, configured: float) -> float:
@@ -155,6 +185,10 @@ async def handle_mutate(request: web.Request) -> web.Response:
         log.exception("internal error while reviewing", extra={"fields": {"uid": req.uid}})
         return web.Response(status=500, text=f"internal error reviewing uid {req.uid}\n")
 
+    sync = request.app.get(PULL_SECRETS)
+    if sync is not None and req.namespace:
+        await _ensure_pull_secret(request, sync, req.namespace, req, result, started=started)
+
     elapsed = time.perf_counter() - started
     _account(metrics, result, operation)
     metrics.admission_duration.labels("mutate").observe(elapsed)
@@ -163,6 +197,33 @@ async def handle_mutate(request: web.Request) -> web.Response:
         body=json.dumps(result.response, separators=(",", ":")).encode(),
         content_type="application/json",
     )
+
+
+async def _ensure_pull_secret(
+    request: web.Request,
+    sync: PullSecretSync,
+    namespace: str,
+    req: AdmissionRequest,
+    result: ReviewResult,
+    *,
+    started: float,
+) -> None:
+    """The pod now references the pull secret: its namespace gets the Secret before the answer,
+    so the kubelet never looks for it in vain. Dry runs only look (sideEffects: NoneOnDryRun)."""
+    name = sync.target.name
+    if not injected_pull_secret(req.obj, result.patched, name):
+        return
+    budget = admission_budget(request, ENSURE_COPY_TIMEOUT) - (time.perf_counter() - started)
+    try:
+        copy = await asyncio.wait_for(
+            sync.ensure_copy(namespace, dry_run=req.dry_run), timeout=max(0.1, budget)
+        )
+    except TimeoutError:
+        copy = CopyResult("failed", "no answer from the API server in time")
+    warning = admission_warning(copy, namespace=namespace, name=name)
+    if warning:
+        response = result.response["response"]
+        response["warnings"] = [*response.get("warnings", []), warning]
 
 
 def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:

@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
             on disk (checked every --cert-reload-interval seconds), without a restart and without
             dropping requests in flight. The process never mutates pods in kube-system, in
             namespaces.exclude, or in its own namespace ($POD_NAMESPACE, default "mirrorgate").
-            Logs are JSON lines on stderr. SIGTERM drains in-flight requests, then exits."""
+            Logs are JSON lines on stderr. SIGTERM drains in-flight requests, then exits.
+
+            With pullSecret.source set it also keeps that Secret copied into every namespace in
+            scope and creates a missing copy when a pod needs it. Replicas elect one writer with
+            a Lease in $POD_NAMESPACE (holder $POD_NAME); the API is reached with the in-cluster
+            service account, else $KUBECONFIG, else ~/.kube/config."""
         ),
     )
     serve.add_argument("--config", default=None, help=CONFIG_HELP)
@@ -96,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="how often to check the certificate files for changes (default %(default)s)",
+    )
+    serve.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="leader election lease for pull-secret copies (default %(default)s); renew deadline "
+        "and retry period scale with it as in client-go (10 s and 2 s for 15 s)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
@@ -176,6 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     prewarm.add_argument("images", nargs="*", metavar="IMAGE")
     prewarm.set_defaults(func=cmd_prewarm)
 
+    scan = sub.add_parser(
+        "scan",
+        help="judge images with Clair and the scan policy, as /validate does",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Resolve each image's digest (every platform of an index, or those in scan.platforms),
+            have Clair index what it has not seen (waiting up to --timeout), and apply the scan
+            policy of the config. Prints the verdict and findings per image.
+
+            Exit codes: 0 every image passes; 1 an image fails the policy; 2 an image is still
+            pending or could not be checked (scanner or registry unavailable), or bad input."""
+        ),
+    )
+    scan.add_argument("--config", default=None, help=CONFIG_HELP)
+    scan.add_argument("--json", action="store_true", help="print a JSON report instead")
+    scan.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="longest wait for indexing (default %(default)s)",
+    )
+    scan.add_argument("images", nargs="+", metavar="IMAGE")
+    scan.set_defaults(func=cmd_scan)
+
     from webhook.demo import add_demo_parser
 
     add_demo_parser(sub)
@@ -248,6 +287,63 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         for r in results:
             print(r.line())
     return EXIT_FOUND if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from webhook.policy import explain
+    from webhook.scanner import scan_images
+
+    config = resolve_config(args.config)
+    if config.scan is None:
+        raise UsageError("the config has no scan section (scan.clair is needed)")
+    images = _expand_stdin(args.images)
+    verdicts = asyncio.run(scan_images(config, images, timeout=args.timeout))
+    if args.json:
+        print(json.dumps([_verdict_json(v) for v in verdicts], indent=2))
+    else:
+        for iv in verdicts:
+            if iv.outcome == "pass":
+                allowed = len(iv.verdict.allowed)
+                note = f" ({allowed} accepted by scan.allow)" if allowed else ""
+                print(f"{iv.image}: pass {iv.verdict.digest}{note}")
+            else:
+                print(
+                    f"{iv.image}: {iv.outcome}\n"
+                    + textwrap.indent(
+                        explain(iv, config.scan, clair_url=config.scan.clair.url), "  "
+                    )
+                )
+    outcomes = {v.outcome for v in verdicts}
+    if "fail" in outcomes:
+        return EXIT_FOUND
+    return EXIT_USAGE if outcomes - {"pass"} else EXIT_OK
+
+
+def _verdict_json(iv: Any) -> dict[str, Any]:
+    def one(v: Any) -> dict[str, Any]:
+        return {
+            "outcome": v.outcome,
+            "digest": v.digest,
+            "platform": v.platform or None,
+            "detail": v.detail or None,
+            "findings": [_finding(f) for f in v.findings],
+            "accepted": [_finding(f) for f in v.allowed],
+            "expiredExceptions": [e.id for e in v.expired],
+        }
+
+    return {"image": iv.image, **one(iv.verdict), "platforms": [one(p) for p in iv.platforms]}
+
+
+def _finding(f: Any) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "cves": list(f.cves),
+        "severity": f.severity,
+        "package": f.package,
+        "version": f.version,
+        "fixedIn": f.fixed_in or None,
+        "link": f.link or None,
+    }
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -323,11 +419,14 @@ def _as_review(doc: Any, *, namespace: str | None) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from webhook.kube import KubeConfigError
     from webhook.logs import setup_logging
     from webhook.tls import TLSConfigError
 
     setup_logging(args.log_level)
     config = resolve_config(args.config)
+    if args.lease_duration < 1:
+        raise UsageError("--lease-duration must be at least 1 second")
     listen = parse_listen(args.listen, "--listen")
     metrics_listen = (
         None
@@ -343,9 +442,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 cert=args.tls_cert,
                 key=args.tls_key,
                 reload_interval=args.cert_reload_interval,
+                lease_duration=args.lease_duration,
             )
         )
-    except TLSConfigError as err:
+    except (TLSConfigError, KubeConfigError) as err:
         raise UsageError(str(err)) from err
 
 
@@ -357,10 +457,12 @@ async def _serve(
     cert: str,
     key: str,
     reload_interval: float,
+    lease_duration: float,
 ) -> int:
     from aiohttp import web
 
     from webhook.app import Settings, create_app, create_metrics_app
+    from webhook.leader import ElectionSettings, default_identity
     from webhook.logs import get_logger
     from webhook.metrics import Metrics
     from webhook.tls import ReloadingTLS
@@ -379,7 +481,12 @@ async def _serve(
         on_error=lambda: metrics.certificate_reloads.labels("failed").inc(),
     )
     own_namespace = os.environ.get("POD_NAMESPACE", DEFAULT_OWN_NAMESPACE)
-    app = create_app(Settings(config=config, own_namespace=own_namespace), metrics=metrics)
+    # POD_NAME (downward API) names this replica in the lease; hostname_pid outside a cluster.
+    election = ElectionSettings.scaled(
+        lease_duration, identity=os.environ.get("POD_NAME") or default_identity()
+    )
+    settings = Settings(config=config, own_namespace=own_namespace, election=election)
+    app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=15, access_log=None)
     await runner.setup()
     runners = [runner]

@@ -55,10 +55,12 @@ class LocalWebhook:
         *,
         env: Mapping[str, str] | None = None,
         log_level: str = "info",
+        args: Sequence[str] = (),
     ) -> None:
         self.work_dir = Path(work_dir)
         self.config_file = Path(config_file)
         self.env = dict(env or {})
+        self.args = list(args)  # more `serve` flags, e.g. --lease-duration
         self.log_level = log_level
         self.port = 0
         self.metrics_port = 0
@@ -104,6 +106,7 @@ class LocalWebhook:
             f"127.0.0.1:{self.metrics_port}",
             "--log-level",
             self.log_level,
+            *self.args,
         ]
         log = self.log_file.open("ab")
         try:
@@ -186,9 +189,13 @@ def mutating_webhook_configuration(
     reinvocation_policy: str = "IfNeeded",
     timeout_seconds: int = 5,
     excluded_namespaces: Sequence[str] = ("kube-system",),
+    side_effects: str = "None",
 ) -> dict[str, Any]:
     """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to
     ``url``.
+
+    ``side_effects="NoneOnDryRun"`` when ``pullSecret.source`` is set: a pod's admission may create
+    the pull secret in its namespace, never for a dry run.
 
     The ``pods/ephemeralcontainers`` subresource must be named explicitly: ``pods`` alone does not
     match it. Excluded namespaces are also matched out here, by the ``kubernetes.io/metadata.name``
@@ -235,11 +242,43 @@ def mutating_webhook_configuration(
                 "failurePolicy": failure_policy,
                 "matchPolicy": "Equivalent",
                 "reinvocationPolicy": reinvocation_policy,
-                "sideEffects": "None",
+                "sideEffects": side_effects,
                 "timeoutSeconds": timeout_seconds,
             }
         ],
     }
+
+
+def validating_webhook_configuration(
+    name: str,
+    *,
+    url: str,
+    ca_pem: bytes,
+    namespace_selector: Mapping[str, Any] | None = None,
+    failure_policy: str = "Ignore",
+    timeout_seconds: int = 10,
+    excluded_namespaces: Sequence[str] = ("kube-system",),
+) -> dict[str, Any]:
+    """A ValidatingWebhookConfiguration that sends the same requests to ``url`` + ``/validate``.
+
+    ``timeoutSeconds`` must exceed ``scan.admissionBudget``: the gate answers "pending" when the
+    budget runs out, which is better than the API server's timeout error.
+    """
+    mutating = mutating_webhook_configuration(
+        name,
+        url=url,
+        ca_pem=ca_pem,
+        namespace_selector=namespace_selector,
+        failure_policy=failure_policy,
+        timeout_seconds=timeout_seconds,
+        excluded_namespaces=excluded_namespaces,
+    )
+    (hook,) = mutating["webhooks"]
+    hook = {k: v for k, v in hook.items() if k != "reinvocationPolicy"}
+    hook["name"] = "validate.mirrorgate.io"
+    hook["clientConfig"] = {**hook["clientConfig"], "url": url.rstrip("/") + "/validate"}
+    hook["sideEffects"] = "None"
+    return {**mutating, "kind": "ValidatingWebhookConfiguration", "webhooks": [hook]}
 
 
 # --- the demo ------------------------------------------------------------------------------------

@@ -75,6 +75,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.image_pull_failures = Counter(
+            "mirrorgate_image_pull_failures",
+            "Failed image pulls reported by kubelets (Events), by namespace, the image's "
+            "registry and kind: mirror_* or upstream_* with auth, not_found, network or other.",
+            ["namespace", "registry", "kind"],
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "mirrorgate_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate in use, as a Unix timestamp.",
@@ -115,6 +122,52 @@ class Metrics:
             "mirrorgate_scan_events",
             "Event callbacks received, by source (clair, registry) and result.",
             ["source", "result"],
+            registry=r,
+        )
+        # Pull-secret propagation (webhook.pullsecrets). Gauges describe the cluster as this
+        # replica's watches see it; writes happen on the lease holder and at admission.
+        self.pullsecret_copies = Gauge(
+            "mirrorgate_pullsecret_copies",
+            "Managed copies of the pull secret that hold the source's current content.",
+            registry=r,
+        )
+        self.pullsecret_conflicts = Gauge(
+            "mirrorgate_pullsecret_conflicts",
+            "Namespaces in scope skipped because a Secret of the pull secret's name exists there "
+            "that mirrorgate does not manage.",
+            registry=r,
+        )
+        self.pullsecret_source_ready = Gauge(
+            "mirrorgate_pullsecret_source_ready",
+            "1 when the source Secret exists and is a usable dockerconfigjson, else 0; only "
+            "exported when pullSecret.source is set.",
+            ["source"],
+            registry=r,
+        )
+        self.pullsecret_leader = Gauge(
+            "mirrorgate_pullsecret_leader",
+            "1 while this replica holds the lease and writes copies, else 0.",
+            registry=r,
+        )
+        self.pullsecret_writes = Counter(
+            "mirrorgate_pullsecret_writes",
+            "Successful writes, by operation: create, update, recreate, delete, "
+            "patch_service_account, admission_create.",
+            ["operation"],
+            registry=r,
+        )
+        self.pullsecret_sync_errors = Counter(
+            "mirrorgate_pullsecret_sync_errors",
+            "Failed writes or reconcile passes, by operation (as for writes, plus admission and "
+            "reconcile).",
+            ["operation"],
+            registry=r,
+        )
+        self.pullsecret_watch_restarts = Counter(
+            "mirrorgate_pullsecret_watch_restarts",
+            "Watches restarted, by resource (namespaces, source, copies, serviceaccounts) and "
+            "reason (gone: relisted after 410, error: after a backoff).",
+            ["resource", "reason"],
             registry=r,
         )
         build_info = Gauge(
