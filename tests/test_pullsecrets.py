@@ -429,6 +429,7 @@ def test_rbac_rules_name_every_secret_verb_but_create_and_keep_leases_and_source
     rules = rbac_rules(WITH_ACCOUNTS, lease_name="mirrorgate-leader")
     assert rules.cluster == (
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {
             "apiGroups": [""],
@@ -520,3 +521,13 @@ def test_election_timings_scale_like_client_go_and_reject_impossible_ones():
     assert (s.lease_duration, s.renew_deadline, s.retry_period) == (15.0, 10.0, 2.0)
     with pytest.raises(ValueError, match="lease_duration > renew_deadline"):
         ElectionSettings(lease_duration=10, renew_deadline=10, retry_period=2, identity="x")
+
+
+def test_without_pull_secret_copies_serve_needs_only_namespaces_events_and_its_lease():
+    from webhook.pullsecrets import base_rbac_rules
+
+    rules = base_rbac_rules("mg", lease_name="l")
+    assert [r["resources"] for r in rules.cluster] == [["namespaces"], ["events"]]
+    assert all(r["verbs"] == ["list", "watch"] for r in rules.cluster)
+    ((ns, lease_rules),) = rules.namespaced
+    assert ns == "mg" and {r["resources"][0] for r in lease_rules} == {"leases"}

@@ -8,6 +8,7 @@ counts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,18 +18,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
-from webhook.gate import add_gate
-from webhook.leader import ElectionSettings
+from webhook.gate import NAMESPACE_LABELS, add_gate
+from webhook.kube import Kube, NamespaceLabels, load_api_client
+from webhook.leader import ElectionSettings, LeaderElector
 from webhook.logs import get_logger
 from webhook.metrics import Metrics
 from webhook.mirrors import MirrorVerifier
+from webhook.pullfailures import PullFailureCounter, watch_pull_failures
 from webhook.pullsecrets import (
     CopyResult,
     PullSecretSync,
     Target,
     admission_warning,
     injected_pull_secret,
-    running_sync,
 )
 from webhook.registry import CacheSettings, RegistryClient
 from webhook.reviews import (
@@ -48,8 +50,11 @@ log = get_logger("admission")
 class Settings:
     config: Config
     own_namespace: str = DEFAULT_OWN_NAMESPACE
-    # Who writes pull-secret copies (only used when pullSecret.source is set).
+    # Who writes pull-secret copies and counts kubelet pull failures: one replica at a time.
     election: ElectionSettings = field(default_factory=ElectionSettings)
+    # Whether the server may use the Kubernetes API (in-cluster or a kubeconfig): namespace labels
+    # for scan modes, kubelet pull-failure Events, pull-secret copies. Required for the latter.
+    kubernetes: bool = False
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -69,8 +74,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[METRICS] = metrics if metrics is not None else Metrics()
     if settings.config.needs_registry:
         app.cleanup_ctx.append(_registry_ctx)
-    if Target.from_config(settings.config, own_namespace=settings.own_namespace) is not None:
-        app.cleanup_ctx.append(_pull_secrets_ctx)
+    target = Target.from_config(settings.config, own_namespace=settings.own_namespace)
+    if settings.kubernetes or target is not None:
+        app.cleanup_ctx.append(_cluster_ctx)
     app.router.add_post("/mutate", handle_mutate)
     add_gate(app, settings.config, app[METRICS], own_namespace=settings.own_namespace)
     app.router.add_get("/healthz", handle_health)
@@ -111,14 +117,56 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
-async def _pull_secrets_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Copies of the pull secret: watches on every replica, writes by the lease holder."""
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Everything that watches the cluster, on one API client and one leader election.
+
+    Every replica watches (pull-secret state, namespace labels for scan modes); the lease holder
+    alone writes pull-secret copies and counts kubelet pull failures, so counters are not
+    multiplied by the number of replicas.
+    """
     settings = app[SETTINGS]
-    target = Target.from_config(settings.config, own_namespace=settings.own_namespace)
-    assert target is not None
-    async with running_sync(target, election=settings.election, metrics=app[METRICS]) as sync:
+    config = settings.config
+    metrics = app[METRICS]
+    kube = Kube(load_api_client())
+    target = Target.from_config(config, own_namespace=settings.own_namespace)
+    sync = PullSecretSync(kube, target, metrics=metrics) if target is not None else None
+    labels = NamespaceLabels(kube) if config.scan is not None else None
+    failures = PullFailureCounter(config, metrics.image_pull_failures)
+    failure_watch: asyncio.Task[None] | None = None
+
+    def leadership(leading: bool) -> None:
+        nonlocal failure_watch
+        if sync is not None:
+            sync.set_leading(leading)
+        if leading and failure_watch is None:
+            failure_watch = asyncio.ensure_future(watch_pull_failures(kube, failures))
+        elif not leading and failure_watch is not None:
+            failure_watch.cancel()
+            failure_watch = None
+
+    elector = LeaderElector(
+        kube, namespace=settings.own_namespace, settings=settings.election, on_change=leadership
+    )
+    if sync is not None:
+        await sync.start()
         app[PULL_SECRETS] = sync
+    if labels is not None:
+        labels.start()
+        app[NAMESPACE_LABELS] = labels.get
+    elector.start()
+    try:
         yield
+    finally:
+        await elector.stop()
+        if failure_watch is not None:
+            failure_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await failure_watch
+        if labels is not None:
+            await labels.stop()
+        if sync is not None:
+            await sync.stop()
+        kube.close()
 
 
 def admission_budget(request: web.Request, configured: float) -> float:

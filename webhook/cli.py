@@ -449,6 +449,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
 
 
+def _kubernetes_access(config: Config, log: Any) -> bool:
+    """Whether serve can use the Kubernetes API; required when pullSecret.source is set."""
+    from webhook.kube import KubeConfigError, load_api_client
+
+    try:
+        load_api_client().close()
+    except KubeConfigError as err:
+        if config.pull_secret is not None and config.pull_secret.source:
+            raise  # pull-secret copies cannot work without it: stop with the reason
+        log.info(
+            "no Kubernetes API access: scan-mode namespace labels and pull-failure counting "
+            "are off",
+            extra={"fields": {"reason": str(err)}},
+        )
+        return False
+    return True
+
+
 async def _serve(
     config: Config,
     *,
@@ -485,7 +503,10 @@ async def _serve(
     election = ElectionSettings.scaled(
         lease_duration, identity=os.environ.get("POD_NAME") or default_identity()
     )
-    settings = Settings(config=config, own_namespace=own_namespace, election=election)
+    kubernetes = _kubernetes_access(config, log)
+    settings = Settings(
+        config=config, own_namespace=own_namespace, election=election, kubernetes=kubernetes
+    )
     app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=15, access_log=None)
     await runner.setup()

@@ -126,15 +126,19 @@ class PullFailureCounter:
 
 async def watch_pull_failures(kube: Any, counter: PullFailureCounter) -> None:
     """Count failed pulls from a watch of kubelet Events until cancelled (run on the leader)."""
+    watch = kube.watch(EVENTS_PATH, query=EVENTS_QUERY).start()
     first = True
-    async for event in kube.watch(EVENTS_PATH, query=EVENTS_QUERY):
-        if event.type == "RELIST":
-            if first:
-                counter.baseline(list(event.objects))
-                first = False
-            else:
-                # After a reconnect: count what changed while the watch was down.
-                for obj in event.objects:
-                    counter.observe(obj)
-        elif event.type in ("ADDED", "MODIFIED"):
-            counter.observe(event.obj)
+    try:
+        async for event in watch:
+            if event.type == "RELIST":
+                if first:
+                    counter.baseline(list(event.objects))
+                    first = False
+                else:
+                    # After a reconnect: count what changed while the watch was down.
+                    for obj in event.objects:
+                        counter.observe(obj)
+            elif event.type in ("ADDED", "MODIFIED"):
+                counter.observe(event.obj)
+    finally:
+        await watch.close()

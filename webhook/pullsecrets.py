@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,11 +36,10 @@ from webhook.kube import (
     KubeError,
     Watch,
     WatchEvent,
-    load_api_client,
     secret_path,
     service_account_path,
 )
-from webhook.leader import LEASE_NAME, ElectionSettings, LeaderElector
+from webhook.leader import LEASE_NAME
 from webhook.logs import get_logger
 from webhook.mutation import WARNING_PREFIX
 
@@ -466,6 +465,25 @@ def _rule(
     return rule
 
 
+def base_rbac_rules(own_namespace: str, *, lease_name: str = LEASE_NAME) -> RBACRules:
+    """What ``serve`` needs without pull-secret copies: namespace labels (scan modes), kubelet
+    Events (pull failures) and its leader election."""
+    return RBACRules(
+        cluster=(
+            _rule("", "namespaces", ("list", "watch")),
+            _rule("", "events", ("list", "watch")),
+        ),
+        namespaced=((own_namespace, _lease_rules(lease_name)),),
+    )
+
+
+def _lease_rules(lease_name: str) -> tuple[dict[str, Any], ...]:
+    return (
+        _rule("coordination.k8s.io", "leases", ("create",)),
+        _rule("coordination.k8s.io", "leases", ("get", "update"), (lease_name,)),
+    )
+
+
 def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME) -> RBACRules:
     """Exactly what ``PullSecretSync`` and leader election call, and nothing more.
 
@@ -475,16 +493,15 @@ def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME) -> RBACRules:
     """
     cluster = [
         _rule("", "namespaces", ("list", "watch")),
+        # The lease holder counts kubelet pull failures from Events (webhook.pullfailures).
+        _rule("", "events", ("list", "watch")),
         _rule("", "secrets", ("create",)),
         _rule("", "secrets", ("get", "list", "watch", "update", "delete"), (target.name,)),
     ]
     if target.patch_service_accounts:
         cluster.append(_rule("", "serviceaccounts", ("list", "watch", "patch")))
     source = _rule("", "secrets", ("get", "list", "watch"), (target.source_name,))
-    leases = [
-        _rule("coordination.k8s.io", "leases", ("create",)),
-        _rule("coordination.k8s.io", "leases", ("get", "update"), (lease_name,)),
-    ]
+    leases = list(_lease_rules(lease_name))
     namespaced: dict[str, list[dict[str, Any]]] = {target.source_namespace: [source]}
     namespaced.setdefault(target.own_namespace, []).extend(leases)
     return RBACRules(
@@ -867,26 +884,3 @@ class PullSecretSync:
             },
         )
         return CopyResult("created")
-
-
-@contextlib.asynccontextmanager
-async def running_sync(
-    target: Target, *, election: ElectionSettings, metrics: Metrics
-) -> AsyncIterator[PullSecretSync]:
-    """Connect to the API server, start the watches and the leader election; stop them on exit.
-
-    The Lease lives in mirrorgate's own namespace (``target.own_namespace``).
-    """
-    kube = Kube(load_api_client())
-    sync = PullSecretSync(kube, target, metrics=metrics)
-    elector = LeaderElector(
-        kube, namespace=target.own_namespace, settings=election, on_change=sync.set_leading
-    )
-    await sync.start()
-    elector.start()
-    try:
-        yield sync
-    finally:
-        await elector.stop()
-        await sync.stop()
-        kube.close()
