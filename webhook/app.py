@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
-from webhook.gate import NAMESPACE_LABELS, add_gate
+from webhook.gate import NAMESPACE_LABELS, add_gate, admission_budget, read_review_body
 from webhook.kube import Kube, NamespaceLabels, load_api_client
 from webhook.leader import ElectionSettings, LeaderElector
 from webhook.logs import get_logger
@@ -32,7 +32,7 @@ from webhook.pullsecrets import (
     admission_warning,
     injected_pull_secret,
 )
-from webhook.registry import CacheSettings, RegistryClient
+from webhook.registry import RegistryClient
 from webhook.reviews import (
     MAX_BODY_BYTES,
     AdmissionRequest,
@@ -61,8 +61,6 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", MirrorVerifier)
 PULL_SECRETS = web.AppKey("pull_secrets", PullSecretSync)
-# Leave the API server this much of its own timeout for our answer to travel back.
-RESPONSE_MARGIN = 0.5
 # Longest an admission waits for a missing pull-secret copy to be created.
 ENSURE_COPY_TIMEOUT = 5.0
 
@@ -100,12 +98,9 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     """The registry client and mirror verifier live as long as the server."""
     config = app[SETTINGS].config
     metrics = app[METRICS]
-    rc = config.registry_client
-    client = RegistryClient(
+    client = RegistryClient.from_settings(
         config.registries,
-        timeout=rc.timeout,
-        max_concurrency=rc.max_concurrency,
-        cache=CacheSettings(rc.positive_ttl, rc.negative_ttl, rc.max_entries),
+        config.registry_client,
         on_request=metrics.registry_request,
         on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
     )
@@ -169,16 +164,6 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         kube.close()
 
 
-def admission_budget(request: web.Request, configured: float) -> float:
-    """``verifyTimeout``, capped by the API server's ``?timeout=`` for this call."""
-    raw = request.query.get("timeout", "")
-    try:
-        api_timeout = float(raw[:-1]) if raw.endswith("s") else float(raw)
-    except ValueError:
-        return configured
-    return max(0.05, min(configured, api_timeout - RESPONSE_MARGIN))
-
-
 async def handle_health(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -187,26 +172,12 @@ def _bad_request(reason: str) -> web.Response:
     return web.Response(status=400, text=reason.replace("\n", " ") + "\n")
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The request body, or HTTPBadRequest when it is over the AdmissionReview size limit."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPBadRequest(text=f"request body exceeds {MAX_BODY_BYTES} bytes\n")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise web.HTTPBadRequest(text=f"request body exceeds {MAX_BODY_BYTES} bytes\n") from err
-
-
 async def handle_mutate(request: web.Request) -> web.Response:
     started = time.perf_counter()
     metrics = request.app[METRICS]
     settings = request.app[SETTINGS]
     try:
-        body = await read_body(request)
-        req = parse_review(body)
-    except web.HTTPBadRequest as err:
-        metrics.admission_requests.labels("mutate", "other", "bad_request").inc()
-        return _bad_request(err.text or "bad request")
+        req = parse_review(await read_review_body(request))
     except BadReviewError as err:
         metrics.admission_requests.labels("mutate", "other", "bad_request").inc()
         log.warning("malformed admission review", extra={"fields": {"reason": str(err)}})

@@ -92,7 +92,7 @@ class _Gate:
         started = time.perf_counter()
         m = self.metrics
         try:
-            req = parse_review(await _read(request))
+            req = parse_review(await read_review_body(request))
         except BadReviewError as err:
             m.admission_requests.labels("validate", "other", "bad_request").inc()
             return web.Response(status=400, text=str(err) + "\n")
@@ -102,7 +102,7 @@ class _Gate:
             if not images:
                 return self._answer(req, build_response(req.uid), "allowed", started, operation)
             scanner = request.app[SCANNER]
-            budget = _budget(request, self.policy.admission_budget)
+            budget = admission_budget(request, self.policy.admission_budget)
             verdicts = await scanner.verdicts(images, budget=budget)
             mode = self._mode(request, req.namespace)
             decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
@@ -204,7 +204,7 @@ class _Gate:
             self.metrics.scan_events.labels("clair", "unauthorized").inc()
             return web.Response(status=401, text="unauthorized\n")
         try:
-            body = json.loads(await _read(request))
+            body = json.loads(await read_review_body(request))
             notification_id = str(body["notification_id"])
             callback = str(body["callback"])
         except (ValueError, KeyError, TypeError, BadReviewError):
@@ -225,7 +225,7 @@ class _Gate:
             self.metrics.scan_events.labels("registry", "unauthorized").inc()
             return web.Response(status=401, text="unauthorized\n")
         try:
-            envelope = json.loads(await _read(request))
+            envelope = json.loads(await read_review_body(request))
             if not isinstance(envelope, dict):
                 raise ValueError("not an object")
         except (ValueError, BadReviewError):
@@ -236,7 +236,8 @@ class _Gate:
         return web.json_response({"queued": queued})
 
 
-async def _read(request: web.Request) -> bytes:
+async def read_review_body(request: web.Request) -> bytes:
+    """The request body, or BadReviewError when it is over the AdmissionReview size limit."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes")
     try:
@@ -245,7 +246,9 @@ async def _read(request: web.Request) -> bytes:
         raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes") from err
 
 
-def _budget(request: web.Request, configured: float) -> float:
+def admission_budget(request: web.Request, configured: float) -> float:
+    """``configured``, capped by the API server's ``?timeout=`` for this call less a margin for
+    the answer to travel back."""
     raw = request.query.get("timeout", "")
     try:
         api_timeout = float(raw[:-1]) if raw.endswith("s") else float(raw)

@@ -13,7 +13,7 @@ from webhook.config import Config
 from webhook.images import parse_reference
 from webhook.mirrors import CopyReport, copy_image, warm_proxy
 from webhook.mutation import CONTAINER_FIELDS, decide_image
-from webhook.registry import CacheSettings, RegistryClient, RegistryError
+from webhook.registry import RegistryClient, RegistryError
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -40,14 +40,8 @@ class PrewarmResult:
 async def prewarm(
     config: Config, images: list[str], *, concurrency: int = 4
 ) -> list[PrewarmResult]:
-    rc = config.registry_client
     limit = asyncio.Semaphore(concurrency)
-    async with RegistryClient(
-        config.registries,
-        timeout=rc.timeout,
-        max_concurrency=rc.max_concurrency,
-        cache=CacheSettings(rc.positive_ttl, rc.negative_ttl, rc.max_entries),
-    ) as client:
+    async with RegistryClient.from_settings(config.registries, config.registry_client) as client:
 
         async def one(image: str) -> PrewarmResult:
             async with limit:
