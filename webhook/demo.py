@@ -34,13 +34,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import kubernetes.client
+
 from certs.pki import generate_ca, issue_serving
+from deploy import webhooks
 from webhook.config import RegistryAccess, load_config
 from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
 from webhook.mutation import decide_image
 from webhook.registry import RegistryClient
 
 OPT_IN_LABEL = "mirrorgate.io/enabled"
+DEMO_OWN_NAMESPACE = "mirrorgate"
 SERVE_READY_TIMEOUT = 20.0
 
 
@@ -114,7 +118,9 @@ class LocalWebhook:
                 argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                # Never the developer's own cluster by accident: without an explicit
+                # KUBECONFIG the child gets none, and serves without Kubernetes API access.
+                env={**os.environ, "KUBECONFIG": os.devnull, **self.env},
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -192,61 +198,18 @@ def mutating_webhook_configuration(
     side_effects: str = "None",
 ) -> dict[str, Any]:
     """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to
-    ``url``.
-
-    ``side_effects="NoneOnDryRun"`` when ``pullSecret.source`` is set: a pod's admission may create
-    the pull secret in its namespace, never for a dry run.
-
-    The ``pods/ephemeralcontainers`` subresource must be named explicitly: ``pods`` alone does not
-    match it. Excluded namespaces are also matched out here, by the ``kubernetes.io/metadata.name``
-    label (set by Kubernetes >= 1.21; on older servers the webhook's own exclusion still applies).
-    """
-    selector: dict[str, Any] = json.loads(json.dumps(namespace_selector or {}))
-    if excluded_namespaces:
-        selector.setdefault("matchExpressions", []).append(
-            {
-                "key": "kubernetes.io/metadata.name",
-                "operator": "NotIn",
-                "values": list(excluded_namespaces),
-            }
-        )
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "mirrorgate"}},
-        "webhooks": [
-            {
-                "name": "mutate.mirrorgate.io",
-                "admissionReviewVersions": ["v1"],
-                "clientConfig": {
-                    "url": url.rstrip("/") + "/mutate",
-                    "caBundle": base64.b64encode(ca_pem).decode(),
-                },
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": ["pods"],
-                        "scope": "Namespaced",
-                    },
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["UPDATE"],
-                        "resources": ["pods/ephemeralcontainers"],
-                        "scope": "Namespaced",
-                    },
-                ],
-                "namespaceSelector": selector,
-                "failurePolicy": failure_policy,
-                "matchPolicy": "Equivalent",
-                "reinvocationPolicy": reinvocation_policy,
-                "sideEffects": side_effects,
-                "timeoutSeconds": timeout_seconds,
-            }
-        ],
-    }
+    ``url``; shaped by ``deploy.webhooks``, the one place webhook configurations are built."""
+    return webhooks.mutating_webhook_configuration(
+        name,
+        url=url,
+        ca_pem=ca_pem,
+        namespace_selector=namespace_selector,
+        failure_policy=failure_policy,
+        reinvocation_policy=reinvocation_policy,
+        timeout_seconds=timeout_seconds,
+        excluded_namespaces=excluded_namespaces,
+        side_effects=side_effects,
+    )
 
 
 def validating_webhook_configuration(
@@ -259,12 +222,9 @@ def validating_webhook_configuration(
     timeout_seconds: int = 10,
     excluded_namespaces: Sequence[str] = ("kube-system",),
 ) -> dict[str, Any]:
-    """A ValidatingWebhookConfiguration that sends the same requests to ``url`` + ``/validate``.
-
-    ``timeoutSeconds`` must exceed ``scan.admissionBudget``: the gate answers "pending" when the
-    budget runs out, which is better than the API server's timeout error.
-    """
-    mutating = mutating_webhook_configuration(
+    """A ValidatingWebhookConfiguration that sends the same requests to ``url`` + ``/validate``
+    (``deploy.webhooks``)."""
+    return webhooks.validating_webhook_configuration(
         name,
         url=url,
         ca_pem=ca_pem,
@@ -273,12 +233,6 @@ def validating_webhook_configuration(
         timeout_seconds=timeout_seconds,
         excluded_namespaces=excluded_namespaces,
     )
-    (hook,) = mutating["webhooks"]
-    hook = {k: v for k, v in hook.items() if k != "reinvocationPolicy"}
-    hook["name"] = "validate.mirrorgate.io"
-    hook["clientConfig"] = {**hook["clientConfig"], "url": url.rstrip("/") + "/validate"}
-    hook["sideEffects"] = "None"
-    return {**mutating, "kind": "ValidatingWebhookConfiguration", "webhooks": [hook]}
 
 
 # --- the demo ------------------------------------------------------------------------------------
@@ -467,7 +421,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _step(out, "pushing " + ", ".join(DEMO_MIRRORED) + " to the mirror")
             asyncio.run(push_demo_images(registry.host, config.registries[registry.host]))
             _step(out, f"starting mirrorgate serve with {config_file}")
-            webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file))
+            with plane.api_client() as api:
+                # serve holds its lease in its own namespace, which must exist.
+                kubernetes.client.CoreV1Api(api).create_namespace(
+                    {"metadata": {"name": DEMO_OWN_NAMESPACE}}
+                )
+            env = {"KUBECONFIG": str(plane.kubeconfig), "POD_NAMESPACE": DEMO_OWN_NAMESPACE}
+            webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file, env=env))
             with plane.api_client() as api:
                 _run_demo(out, api, webhook, registry, password)
             if args.keep:
