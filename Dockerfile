@@ -6,6 +6,7 @@ WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY webhook ./webhook
 COPY certs ./certs
+COPY deploy ./deploy
 RUN python -m venv /opt/mirrorgate \
  && /opt/mirrorgate/bin/pip install .
 

@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     from webhook.demo import add_demo_parser
 
     add_demo_parser(sub)
+    add_deploy_parsers(sub)
     return parser
 
 
@@ -547,6 +548,161 @@ async def _serve(
         await r.cleanup()
     log.info("stopped")
     return EXIT_OK
+
+
+# --- deploy and certs ----------------------------------------------------------------------------
+def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``mirrorgate deploy render|apply|uninstall|status`` and ``mirrorgate certs
+    issue|rotate-ca``; the work is done in ``deploy.commands``."""
+
+    def kube_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help=CONFIG_HELP)
+        p.add_argument(
+            "--kubeconfig", default=None, help="kubeconfig (default: $KUBECONFIG, ~/.kube/config)"
+        )
+        p.add_argument("--context", default=None, help="kubeconfig context (default: current)")
+
+    url_help = (
+        "register the webhooks against an out-of-cluster `mirrorgate serve` at https://HOST:PORT "
+        "(development, tests) instead of the in-cluster Service"
+    )
+    deploy = sub.add_parser(
+        "deploy",
+        help="install the registry and the webhook from mirrorgate.yaml (render, apply, ...)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Install everything the registry:, deploy: and certs: sections describe: the registry
+            (a hosted instance and one pull-through cache per upstream), its pull path (NodePort or
+            Ingress), the pull secret, the webhook with its RBAC, certificates and webhook
+            configurations. See docs/deploy.md."""
+        ),
+    )
+    dsub = deploy.add_subparsers(dest="deploy_command", metavar="ACTION", required=True)
+    render = dsub.add_parser(
+        "render", help="print every manifest as multi-document YAML (GitOps, review)"
+    )
+    render.add_argument("--config", default=None, help=CONFIG_HELP)
+    render.add_argument(
+        "--include-secrets",
+        action="store_true",
+        help="print the Secrets too (passwords, keys); by default they are only listed by name",
+    )
+    render.add_argument(
+        "--kube-version",
+        default=None,
+        metavar="MAJOR.MINOR",
+        help="API versions for that Kubernetes (e.g. 1.20: PodDisruptionBudget and CronJob as "
+        "v1beta1); default: current",
+    )
+    render.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="render for that cluster: its API versions and the secrets it already holds",
+    )
+    render.add_argument("--context", default=None, help="kubeconfig context")
+    render.add_argument("--webhook-url", default=None, metavar="URL", help=url_help)
+    render.set_defaults(func=_deploy_command("render"))
+
+    apply = dsub.add_parser(
+        "apply",
+        help="server-side apply in dependency order (field manager mirrorgate), report changes",
+    )
+    kube_flags(apply)
+    apply.add_argument("--wait", action="store_true", help="wait until every Deployment is ready")
+    apply.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="for --wait (300)"
+    )
+    apply.add_argument("--webhook-url", default=None, metavar="URL", help=url_help)
+    apply.add_argument(
+        "--cert-out",
+        default=None,
+        metavar="DIR",
+        help="with --webhook-url: write tls.crt, tls.key and ca.crt for the out-of-cluster serve",
+    )
+    apply.add_argument("-v", "--verbose", action="store_true", help="list unchanged objects too")
+    apply.set_defaults(func=_deploy_command("apply"))
+
+    uninstall = dsub.add_parser(
+        "uninstall", help="remove the webhook configurations first, then everything else"
+    )
+    kube_flags(uninstall)
+    uninstall.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep the registry's volumes and credentials (and their namespace)",
+    )
+    uninstall.set_defaults(func=_deploy_command("uninstall"))
+
+    status = dsub.add_parser(
+        "status", help="what is installed, versions, certificate expiry, webhook reachability"
+    )
+    kube_flags(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--probe-namespace",
+        default=None,
+        metavar="NS",
+        help="namespace for the dry-run reachability probe (default: an opted-in one)",
+    )
+    status.set_defaults(func=_deploy_command("status"))
+
+    certs = sub.add_parser("certs", help="the webhook PKI: issue certificates, rotate the CA")
+    csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    issue = csub.add_parser(
+        "issue",
+        help="write a CA and a serving certificate for a Service (manual setups)",
+        description="Writes ca.crt, ca.key, tls.crt and tls.key (keys mode 0600) to --out. The "
+        "serving certificate names <svc>, <svc>.<ns>, <svc>.<ns>.svc and "
+        "<svc>.<ns>.svc.cluster.local (plus --name).",
+    )
+    issue.add_argument("--service", required=True, help="the webhook's Service name")
+    issue.add_argument("--namespace", required=True, help="the Service's namespace")
+    issue.add_argument("--out", required=True, metavar="DIR", help="folder to write to")
+    issue.add_argument(
+        "--name", action="append", metavar="NAME", help="another DNS name or IP (repeatable)"
+    )
+    issue.add_argument("--ca-days", type=int, default=365, help="CA lifetime (365)")
+    issue.add_argument("--days", type=int, default=90, help="serving certificate lifetime (90)")
+    issue.set_defaults(func=_deploy_command("issue"))
+    rotate = csub.add_parser(
+        "rotate-ca",
+        help="start a CA rotation now (old and new CA both trusted until the switch is done)",
+    )
+    kube_flags(rotate)
+    rotate.set_defaults(func=_deploy_command("rotate-ca"))
+
+
+def _deploy_command(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from deploy import commands
+        from deploy.apply import DeployError, DeployUsageError
+        from deploy.kubeapi import KubeAPIError, KubeConfigError
+        from deploy.render import RenderError
+
+        try:
+            if name == "issue":
+                if args.days < 1 or args.ca_days <= args.days:
+                    raise UsageError("--days must be at least 1 and less than --ca-days")
+                return commands.cmd_issue(args)
+            config = resolve_config(args.config)
+            func = {
+                "render": commands.cmd_render,
+                "apply": commands.cmd_apply,
+                "uninstall": commands.cmd_uninstall,
+                "status": commands.cmd_status,
+                "rotate-ca": commands.cmd_rotate_ca,
+            }[name]
+            if name != "render" and config.deploy is None and config.registry is None:
+                raise UsageError("the config has neither a deploy: nor a registry: section")
+            return func(config, args)
+        except (KubeConfigError, RenderError, DeployUsageError) as err:
+            raise UsageError(str(err)) from err
+        except (DeployError, KubeAPIError) as err:
+            print(f"mirrorgate {args.command} {name}: {err}", file=sys.stderr)
+            return EXIT_FOUND
+
+    return run
 
 
 if __name__ == "__main__":
