@@ -355,3 +355,38 @@ def test_certs_issue_writes_a_ca_and_a_serving_pair_for_the_service(tmp_path):
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert dt.timedelta(days=90) < lifetime <= dt.timedelta(days=90, minutes=5)
     assert "PRIVATE KEY" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "extra", "expected"),
+    [
+        pytest.param({}, "", None, id="serve outside a deploy renews nothing"),
+        pytest.param(
+            {"MIRRORGATE_TLS_SECRET": "mg-tls"},
+            "certs: {mode: cert-manager}\n",
+            None,
+            id="cert-manager renews itself",
+        ),
+        pytest.param(
+            {"MIRRORGATE_TLS_SECRET": "mg-tls"},
+            "",
+            "mg-tls",
+            id="a deployed serve renews its own Secret",
+        ),
+    ],
+)
+def test_serve_runs_the_renewer_only_where_deploy_put_it(monkeypatch, env, extra, expected):
+    from webhook.app import Settings, _cert_renewer
+    from webhook.config import parse_config
+
+    monkeypatch.delenv("MIRRORGATE_TLS_SECRET", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = parse_config("deploy: {name: mg, namespace: mg-system}\n" + extra)
+    renewer = _cert_renewer(object(), Settings(config=config, own_namespace="mg-system"))
+    if expected is None:
+        assert renewer is None
+    else:
+        assert renewer.targets.namespace == "mg-system"
+        assert renewer.targets.secret == expected
+        assert renewer.targets.mutating_webhooks == ("mg",)

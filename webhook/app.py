@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from certs.rotation import CertRenewer
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
 from webhook.gate import NAMESPACE_LABELS, add_gate, admission_budget, read_review_body
 from webhook.kube import Kube, NamespaceLabels, load_api_client
@@ -80,6 +82,27 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/readyz", handle_health)
     return app
+
+
+def _cert_renewer(kube: Kube, settings: Settings) -> CertRenewer | None:
+    """The serving certificate's renewal, when serve runs as ``mirrorgate deploy`` installed it.
+
+    The Deployment names the TLS Secret in ``MIRRORGATE_TLS_SECRET``; the renewed Secret reaches
+    this process through its mount, which ``serve`` re-reads (webhook.tls).
+    """
+    config = settings.config
+    if not os.environ.get("MIRRORGATE_TLS_SECRET") or config.deploy is None:
+        return None
+    if config.certs.mode != "builtin":
+        return None  # cert-manager renews and injects the CA itself
+    notify = config.registry.namespace if (config.registry and config.scan) else None
+    return CertRenewer.for_release(
+        kube,
+        release=config.deploy.name,
+        namespace=settings.own_namespace,
+        durations=config.certs,
+        registry_namespace=notify,
+    )
 
 
 def create_metrics_app(metrics: Metrics) -> web.Application:
@@ -150,7 +173,11 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         app[NAMESPACE_LABELS] = labels.get
     elector.start()
     try:
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            renewer = _cert_renewer(kube, settings)
+            if renewer is not None:
+                await stack.enter_async_context(renewer.running())
+            yield
     finally:
         await elector.stop()
         if failure_watch is not None:
