@@ -461,22 +461,14 @@ class RegistryClient:
         if await self.blob_exists(thost, trepo, digest):
             return False
         push_scope = f"repository:{trepo}:pull,push"
-        start = await self._request(
-            "POST", thost, f"/v2/{trepo}/blobs/uploads/", scope=push_scope, operation="blob_upload"
-        )
-        if start.status != 202 or "Location" not in start.headers:
-            raise _status_error(start, thost, f"/v2/{trepo}/blobs/uploads/")
-        location = start.headers["Location"]
-        if location.startswith("/"):
-            location = self._base(thost) + location
-        sep = "&" if "?" in location else "?"
+        finish = await self._start_upload(thost, trepo, digest)
 
         async with self._open_blob(shost, srepo, digest) as resp:
             try:
                 done = await self._request(
                     "PUT",
                     thost,
-                    f"{location}{sep}digest={digest}",
+                    finish,
                     scope=push_scope,
                     data=resp.content.iter_chunked(1 << 20),
                     operation="blob_put",
@@ -558,25 +550,35 @@ class RegistryClient:
             )
         return size
 
+    async def _start_upload(self, host: str, repository: str, digest: str) -> str:
+        """Open an upload session; returns the URL that a PUT of the bytes completes."""
+        path = f"/v2/{repository}/blobs/uploads/"
+        start = await self._request(
+            "POST",
+            host,
+            path,
+            scope=f"repository:{repository}:pull,push",
+            operation="blob_upload",
+        )
+        if start.status != 202 or "Location" not in start.headers:
+            raise _status_error(start, host, path)
+        location = start.headers["Location"]
+        if location.startswith("/"):
+            location = self._base(host) + location
+        sep = "&" if "?" in location else "?"
+        return f"{location}{sep}digest={digest}"
+
     async def upload_blob(self, host: str, repository: str, data: bytes) -> str:
         """Monolithic upload of ``data``; returns its digest (a no-op if the blob exists)."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if await self.blob_exists(host, repository, digest):
             return digest
         scope = f"repository:{repository}:pull,push"
-        start = await self._request(
-            "POST", host, f"/v2/{repository}/blobs/uploads/", scope=scope, operation="blob_upload"
-        )
-        if start.status != 202 or "Location" not in start.headers:
-            raise _status_error(start, host, f"/v2/{repository}/blobs/uploads/")
-        location = start.headers["Location"]
-        if location.startswith("/"):
-            location = self._base(host) + location
-        sep = "&" if "?" in location else "?"
+        finish = await self._start_upload(host, repository, digest)
         done = await self._request(
             "PUT",
             host,
-            f"{location}{sep}digest={digest}",
+            finish,
             scope=scope,
             data=data,
             headers={"Content-Type": "application/octet-stream"},
