@@ -411,3 +411,61 @@ def test_pin_digests_adds_the_resolved_digest_and_records_it():
     # The pinned pod is already on the mirror: a second pass changes nothing.
     again = mutate_pod(result.obj, VERIFYING, checks={})
     assert again.obj == result.obj
+
+
+RICH = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {
+        "name": "web",
+        "namespace": "team-a",
+        "labels": {"app": "web"},
+        "annotations": {"a/b": "1", "x~y": "2"},
+        "ownerReferences": [{"kind": "RS"}],
+    },
+    "spec": {
+        "volumes": [{"name": "v", "emptyDir": {}}],
+        "initContainers": [{"name": "init", "image": "alpine:3", "command": ["sh"]}],
+        "containers": [
+            {
+                "name": "app",
+                "image": "nginx:1.25",
+                "env": [{"name": "A", "value": "1"}],
+                "ports": [{"containerPort": 80}],
+            },
+            {"name": "ok", "image": "quay.io/a/b:1", "resources": {"limits": {"cpu": "1"}}},
+            {"image": "redis:7"},
+        ],
+        "imagePullSecrets": [{"name": "other"}],
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param(RICH, id="a pod with many fields mutation does not touch"),
+        pytest.param(
+            {k: v for k, v in RICH.items() if k != "metadata"}, id="a pod without metadata"
+        ),
+        pytest.param({**RICH, "metadata": {"name": "web"}}, id="a pod without annotations"),
+        pytest.param(
+            {**RICH, "spec": {**RICH["spec"], "imagePullSecrets": None}},
+            id="a pod whose imagePullSecrets is null",
+        ),
+        pytest.param(
+            pod(containers=[{"name": "a", "image": "127.0.0.1:31000/library/x:1"}]),
+            id="a pod already on the mirror",
+        ),
+    ],
+)
+def test_the_patch_turns_the_submitted_pod_into_exactly_the_mutated_pod(obj):
+    submitted = copy.deepcopy(obj)
+    result, resp = run(review(obj))
+    assert obj == submitted, "the request object must not be changed"
+    assert apply(copy.deepcopy(obj), resp) == result.patched
+    # Everything mutation does not own is untouched.
+    stored = apply(copy.deepcopy(obj), resp)
+    for key in ("volumes", "tolerations"):
+        assert stored.get("spec", {}).get(key) == obj.get("spec", {}).get(key)

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from certs.rotation import CertRenewer
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config
-from webhook.gate import NAMESPACE_LABELS, add_gate, admission_budget, read_review_body
+from webhook.gate import NAMESPACE_LABELS, REGISTRY, add_gate, admission_budget, read_review_body
 from webhook.kube import Kube, NamespaceLabels, load_api_client
 from webhook.leader import ElectionSettings, LeaderElector
 from webhook.logs import get_logger
@@ -72,6 +72,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
+    if settings.config.needs_registry or settings.config.scan is not None:
+        app.cleanup_ctx.append(_registry_client_ctx)
     if settings.config.needs_registry:
         app.cleanup_ctx.append(_registry_ctx)
     target = Target.from_config(settings.config, own_namespace=settings.own_namespace)
@@ -117,22 +119,29 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The registry client and mirror verifier live as long as the server."""
+async def _registry_client_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].config
     metrics = app[METRICS]
-    client = RegistryClient.from_settings(
+    app[REGISTRY] = RegistryClient.from_settings(
         config.registries,
         config.registry_client,
         on_request=metrics.registry_request,
         on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
     )
+    yield
+    await app[REGISTRY].close()
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The mirror verifier lives as long as the server."""
+    config = app[SETTINGS].config
+    metrics = app[METRICS]
+    client = app[REGISTRY]
     app[VERIFIER] = MirrorVerifier(
         client, config, on_copy=lambda result: metrics.mirror_copies.labels(result).inc()
     )
     yield
     await app[VERIFIER].close()
-    await client.close()
 
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -223,9 +232,12 @@ async def handle_mutate(request: web.Request) -> web.Response:
                 budget=admission_budget(request, config.verify_timeout),
                 allow_copy=not req.dry_run,
             )
-            result = review_mutation(
-                req, config, own_namespace=settings.own_namespace, checks=checks
-            )
+            # The first pass assumed every mirror can serve; with that confirmed and no digests
+            # to pin, a second pass would compute the same result.
+            if config.pin_digests or not all(c.ok for c in checks.values()):
+                result = review_mutation(
+                    req, config, own_namespace=settings.own_namespace, checks=checks
+                )
     except Exception:
         metrics.admission_requests.labels("mutate", operation, "error").inc()
         log.exception("internal error while reviewing", extra={"fields": {"uid": req.uid}})
@@ -240,7 +252,7 @@ async def handle_mutate(request: web.Request) -> web.Response:
     metrics.admission_duration.labels("mutate").observe(elapsed)
     _log_result(req.uid, req.namespace, req.name, req.dry_run, result, elapsed)
     return web.Response(
-        body=json.dumps(result.response, separators=(",", ":")).encode(),
+        body=orjson.dumps(result.response),
         content_type="application/json",
     )
 
@@ -274,9 +286,10 @@ async def _ensure_pull_secret(
 
 def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
     metrics.admission_requests.labels("mutate", operation, result.outcome).inc()
+    rewritten: dict[str, int] = {}
     for c in result.containers:
         if c.applied and c.decision.upstream is not None:
-            metrics.images_rewritten.labels(c.decision.upstream).inc()
+            rewritten[c.decision.upstream] = rewritten.get(c.decision.upstream, 0) + 1
         elif c.decision.reason == "invalid":
             metrics.images_left.labels("invalid_reference").inc()
         elif c.decision.reason == "unmirrorable":
@@ -287,6 +300,8 @@ def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
             ).inc()
         elif c.decision.reason == "rewritten":
             metrics.images_left.labels("missing_pull_secret").inc()
+    for upstream, n in rewritten.items():
+        metrics.images_rewritten.labels(upstream).inc(n)
 
 
 def _log_result(

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
 from webhook.config import Config
@@ -40,6 +41,9 @@ RESPONSE_MARGIN = 0.5
 # Returns the namespace's labels, or None when unknown (no namespace cache in this process).
 NamespaceLabels = Callable[[str], dict[str, str] | None]
 NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
+# The one registry client of the process: the verifier and the scanner share its cache, so an image
+# is resolved once for both webhooks.
+REGISTRY = web.AppKey("registry", RegistryClient)
 
 
 def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_namespace: str) -> None:
@@ -49,12 +53,7 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_name
 
     async def scanner_ctx(app: web.Application) -> AsyncIterator[None]:
         assert config.scan is not None
-        registry = RegistryClient.from_settings(
-            config.registries,
-            config.registry_client,
-            on_request=metrics.registry_request,
-            on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
-        )
+        registry = app[REGISTRY]
         clair = ClairClient(config.scan.clair)
         scanner = Scanner(
             clair,
@@ -68,7 +67,6 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_name
         yield
         await scanner.close()
         await clair.close()
-        await registry.close()
 
     app.cleanup_ctx.append(scanner_ctx)
     gate = _Gate(config, metrics, own_namespace=own_namespace)
@@ -131,7 +129,7 @@ class _Gate:
         self.metrics.admission_requests.labels("validate", operation, outcome).inc()
         self.metrics.admission_duration.labels("validate").observe(time.perf_counter() - started)
         return web.Response(
-            body=json.dumps(response, separators=(",", ":")).encode(),
+            body=orjson.dumps(response),
             content_type="application/json",
         )
 
@@ -144,14 +142,21 @@ class _Gate:
     def _count(
         self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision
     ) -> None:
+        counts: dict[tuple[str, str], int] = {}
         for iv in verdicts:
-            self.metrics.scan_verdicts.labels(iv.outcome, iv.verdict.worst_severity).inc()
+            key = (iv.outcome, iv.verdict.worst_severity)
+            counts[key] = counts.get(key, 0) + 1
+        for (outcome, severity), n in counts.items():
+            self.metrics.scan_verdicts.labels(outcome, severity).inc(n)
         for _image, outcome in decision.rejected:
             self.metrics.images_rejected.labels(req.namespace or "", outcome).inc()
 
     def _log(
         self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision, mode: str
     ) -> None:
+        level = 20 if (not decision.allowed or decision.warnings) else 10
+        if not log.isEnabledFor(level):
+            return  # allowed admissions log at debug: don't build the fields for nothing
         fields = {
             "uid": req.uid,
             "namespace": req.namespace,
@@ -171,7 +176,6 @@ class _Gate:
                 for iv in verdicts
             ],
         }
-        level = 20 if (not decision.allowed or decision.warnings) else 10
         log.log(level, "images validated", extra={"fields": fields})
 
     # --- /events/* -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Standard library only: no I/O, no framework imports.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -239,6 +240,7 @@ def _explain_format(candidate: str) -> str:
     return "invalid reference format"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_reference(text: str) -> ImageReference:
     """Parse and normalise an image reference with ``ParseNormalizedNamed`` semantics.
 
@@ -409,6 +411,7 @@ def parse_domain(text: str) -> str:
     return DEFAULT_DOMAIN if host == LEGACY_DEFAULT_DOMAIN else host
 
 
+@functools.lru_cache(maxsize=4096)
 def with_mirror(ref: ImageReference, mirror: str) -> str:
     """Rewrite ``ref`` to pull from ``mirror``: ``{mirror}/{path}[:tag][@digest]``.
 

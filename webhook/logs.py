@@ -6,11 +6,12 @@ admission path logs uids, namespaces, names and decisions, never request bodies 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Any
+
+import orjson
 
 LOGGER_NAME = "mirrorgate"
 
@@ -30,7 +31,7 @@ class JsonFormatter(logging.Formatter):
                 doc.setdefault(key, value)
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, separators=(",", ":"))
+        return orjson.dumps(doc, default=str).decode()
 
 
 def setup_logging(level: str = "info") -> None:

@@ -145,6 +145,9 @@ class MirrorVerifier:
         unique = list(dict.fromkeys(candidates))
         if not unique:
             return {}
+        known = {c: self._known(c) for c in unique}
+        if all(known.values()):
+            return known  # type: ignore[return-value]
         tasks = {c: asyncio.ensure_future(self._check(c, allow_copy)) for c in unique}
         done, pending = await asyncio.wait(tasks.values(), timeout=budget)
         out: dict[str, MirrorCheck] = {}
@@ -164,6 +167,16 @@ class MirrorVerifier:
                 await task
         return out
 
+    def _known(self, candidate: str) -> MirrorCheck | None:
+        """A positive answer from the client's cache, without a task or a timer; else None."""
+        try:
+            ref = parse_reference(candidate)
+        except InvalidReferenceError:
+            return None
+        op = "get" if self.config.scan else "head"
+        manifest = self.client.cached_manifest(*location(ref), op=op)
+        return MirrorCheck(ok=True, digest=manifest.digest) if manifest is not None else None
+
     async def _check(self, candidate: str, allow_copy: bool) -> MirrorCheck:
         try:
             ref = parse_reference(candidate)
@@ -171,7 +184,9 @@ class MirrorVerifier:
             return MirrorCheck(ok=False, reason="invalid", detail=str(err))
         host, repo, reference = location(ref)
         try:
-            manifest = await self.client.head_manifest(host, repo, reference)
+            # With the gate on, /validate needs the manifest itself next: one GET serves both.
+            fetch = self.client.get_manifest if self.config.scan else self.client.head_manifest
+            manifest = await fetch(host, repo, reference)
         except RegistryError as err:
             if err.kind == "not_found" and allow_copy:
                 self._maybe_copy(ref)

@@ -83,7 +83,28 @@ class ImageDecision:
         return out
 
 
+_MEMO_LIMIT = 10_000
+_memo: tuple[Config, dict[str, ImageDecision]] | None = None
+
+
 def decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
+    """Memoized per config for the offline decision (``checks`` None): a config never changes
+    after loading and a decision is a pure function of the image and the config."""
+    global _memo
+    if checks is not None:
+        return _decide_image(image, config, checks)
+    memo = _memo
+    if memo is None or memo[0] is not config:
+        memo = _memo = (config, {})
+    decision = memo[1].get(image)
+    if decision is None:
+        decision = _decide_image(image, config, None)
+        if len(memo[1]) < _MEMO_LIMIT:
+            memo[1][image] = decision
+    return decision
+
+
+def _decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
     """Decide where ``image`` should be pulled from under ``config``.
 
     ``checks`` maps candidate mirror references to what the mirror answered. Without it (offline
@@ -178,7 +199,7 @@ def mutate_pod(
     running container on an unrelated edit, and the API server forbids adding ``imagePullSecrets``
     on update, so a pod without the secret keeps its images.
     """
-    out = copy.deepcopy(pod)
+    out = _copy_mutable_parts(pod)
     result = MutationResult(obj=out)
     metadata = out.get("metadata") or {}
     annotations = metadata.get("annotations") or {}
@@ -242,7 +263,7 @@ def mutate_ephemeral_containers(
     images
     as they were admitted.
     """
-    out = copy.deepcopy(obj)
+    out = _json_copy(obj)
     result = MutationResult(obj=out)
     for container in _containers(out, "ephemeralContainers"):
         name = str(container.get("name", ""))
@@ -256,6 +277,40 @@ def mutate_ephemeral_containers(
             container["image"] = decision.image
         result.warnings.extend(_warnings_for("ephemeralContainers", name, decision, True, None))
     return result
+
+
+def _copy_mutable_parts(pod: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``pod`` in which everything mutate_pod may change is new (metadata and its
+    annotations, spec, imagePullSecrets, the container lists and their containers) and the rest is
+    shared with ``pod``, read-only: the result must never be changed anywhere else."""
+    out = dict(pod)
+    metadata = out.get("metadata")
+    if isinstance(metadata, dict):
+        metadata = out["metadata"] = dict(metadata)
+        if isinstance(metadata.get("annotations"), dict):
+            metadata["annotations"] = dict(metadata["annotations"])
+    spec = out.get("spec")
+    if isinstance(spec, dict):
+        spec = out["spec"] = dict(spec)
+        if isinstance(spec.get("imagePullSecrets"), list):
+            spec["imagePullSecrets"] = list(spec["imagePullSecrets"])
+        for fld in CONTAINER_FIELDS:
+            if isinstance(spec.get(fld), list):
+                spec[fld] = [dict(c) if isinstance(c, dict) else c for c in spec[fld]]
+    return out
+
+
+def _json_copy(value: Any) -> Any:
+    """A deep copy of parsed JSON (dicts, lists, immutable scalars), several times faster than
+    copy.deepcopy; anything else falls back to it."""
+    t = type(value)
+    if t is dict:
+        return {k: _json_copy(v) for k, v in value.items()}
+    if t is list:
+        return [_json_copy(v) for v in value]
+    if t in (str, int, float, bool) or value is None:
+        return value
+    return copy.deepcopy(value)
 
 
 def _containers(spec: dict[str, Any], fld: str) -> list[dict[str, Any]]:

@@ -346,6 +346,21 @@ class RegistryClient:
             key, lambda: self._fetch_manifest("GET", host, repository, reference)
         )
 
+    def cached_manifest(
+        self, host: str, repository: str, reference: str, *, op: str = "get"
+    ) -> Manifest | None:
+        """What ``get_manifest`` (``op="head"``: ``head_manifest``) would answer from the cache
+        right now, without waiting: None unless a fresh positive answer is cached."""
+        key = (op, host, repository, reference)
+        entry = self._cache.get(key)
+        if entry is None or entry.error is not None or entry.expires <= self._clock():
+            return None
+        self._cache.move_to_end(key)
+        self.stats.cache_hits += 1
+        if self._on_cache:
+            self._on_cache(True)
+        return entry.value
+
     def forget(self, host: str, repository: str, reference: str) -> None:
         for op in ("head", "get"):
             self._cache.pop((op, host, repository, reference), None)
@@ -380,6 +395,10 @@ class RegistryClient:
             self._store(key, _CacheEntry(self._clock() + settings.negative_ttl, None, err))
             raise
         self._store(key, _CacheEntry(self._clock() + settings.positive_ttl, value))
+        if key[0] == "get" and isinstance(value, Manifest) and key[3] != value.digest:
+            # Content-addressed: the manifest a tag resolved to is also the one its digest names.
+            entry = _CacheEntry(self._clock() + settings.positive_ttl, value)
+            self._store((*key[:3], value.digest), entry)
         return value
 
     def _store(self, key: tuple[str, ...], entry: _CacheEntry) -> None:
