@@ -1,16 +1,12 @@
-"""Test-only certificates: a throwaway CA and serving certificates made with ``cryptography``."""
+"""Test certificates on files: a throwaway CA and serving certificates, issued by ``certs.pki``."""
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from certs.pki import KeyPair, generate_ca, issue_serving
 
 
 @dataclass
@@ -23,13 +19,12 @@ class Issued:
 
 @dataclass
 class CA:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
+    pair: KeyPair
     cert_file: Path
 
     @property
     def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+        return self.pair.cert_pem
 
     def issue(
         self,
@@ -41,76 +36,23 @@ class CA:
         days: float = 1,
     ) -> Issued:
         """Write ``<stem>.crt``/``<stem>.key`` for ``names`` (IP-looking names become IP SANs)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-        end = start + dt.timedelta(days=days)
-        sans: list[x509.GeneralName] = []
-        for n in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                sans.append(x509.DNSName(n))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
+        pair = issue_serving(
+            self.pair, list(names), lifetime=dt.timedelta(days=days), now=not_before
         )
         directory.mkdir(parents=True, exist_ok=True)
         cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
-        pem = cert.public_bytes(serialization.Encoding.PEM)
-        # Write the key first and the certificate last: a reader polling the certificate sees a
-        # matching pair once the certificate changes (as with a Secret's atomic symlink swap).
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        cert_file.write_bytes(pem)
-        return Issued(cert_file=cert_file, key_file=key_file, cert_pem=pem, not_after=end)
+        # Key first, certificate last: a reader polling the certificate sees a matching pair
+        # once the certificate changes (as with a Secret's atomic symlink swap).
+        key_file.write_bytes(pair.key_pem)
+        cert_file.write_bytes(pair.cert_pem)
+        return Issued(cert_file, key_file, pair.cert_pem, pair.certificate.not_valid_after_utc)
 
 
 def make_ca(directory: Path, *, name: str = "mirrorgate-test-ca") -> CA:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    # Valid from a week ago, so certificates backdated by the tests still fall inside it.
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    pair = generate_ca(name, lifetime=dt.timedelta(days=9), now=now - dt.timedelta(days=7))
     directory.mkdir(parents=True, exist_ok=True)
     cert_file = directory / f"{name}.crt"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return CA(key=key, cert=cert, cert_file=cert_file)
+    cert_file.write_bytes(pair.cert_pem)
+    return CA(pair=pair, cert_file=cert_file)
