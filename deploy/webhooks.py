@@ -100,20 +100,19 @@ def mutating_webhook_configuration(
     added as a ``NotIn`` on the namespace name. ``side_effects="NoneOnDryRun"`` when admission may
     create the pull secret in the pod's namespace (never for a dry run).
     """
-    hook = {
-        "name": MUTATE_NAME,
-        "admissionReviewVersions": ["v1"],
-        "clientConfig": client_config("/mutate", url=url, service=service, ca_pem=ca_pem),
-        "rules": [dict(rule) for rule in POD_RULES],
-        "namespaceSelector": selector_for(
-            opt_in=namespace_selector or False, excluded=excluded_namespaces
-        ),
-        "failurePolicy": failure_policy,
-        "matchPolicy": "Equivalent",
-        "reinvocationPolicy": reinvocation_policy,
-        "sideEffects": side_effects,
-        "timeoutSeconds": timeout_seconds,
-    }
+    hook = _hook(
+        MUTATE_NAME,
+        "/mutate",
+        url=url,
+        service=service,
+        ca_pem=ca_pem,
+        namespace_selector=namespace_selector,
+        excluded_namespaces=excluded_namespaces,
+        failure_policy=failure_policy,
+        side_effects=side_effects,
+        timeout_seconds=timeout_seconds,
+    )
+    hook["reinvocationPolicy"] = reinvocation_policy
     return _configuration("MutatingWebhookConfiguration", name, hook, labels, annotations)
 
 
@@ -135,20 +134,48 @@ def validating_webhook_configuration(
     ``timeoutSeconds`` must exceed ``scan.admissionBudget``: the gate answers "pending" when the
     budget runs out, which is better than the API server's timeout error.
     """
-    hook = {
-        "name": VALIDATE_NAME,
+    hook = _hook(
+        VALIDATE_NAME,
+        "/validate",
+        url=url,
+        service=service,
+        ca_pem=ca_pem,
+        namespace_selector=namespace_selector,
+        excluded_namespaces=excluded_namespaces,
+        failure_policy=failure_policy,
+        side_effects="None",
+        timeout_seconds=timeout_seconds,
+    )
+    return _configuration("ValidatingWebhookConfiguration", name, hook, labels, annotations)
+
+
+def _hook(
+    name: str,
+    path: str,
+    *,
+    url: str | None,
+    service: tuple[str, str, int] | None,
+    ca_pem: bytes | None,
+    namespace_selector: Mapping[str, Any] | None,
+    excluded_namespaces: Sequence[str],
+    failure_policy: str,
+    side_effects: str,
+    timeout_seconds: int,
+) -> dict[str, Any]:
+    """What both webhooks share: Pod requests, the namespace selector, the client config."""
+    return {
+        "name": name,
         "admissionReviewVersions": ["v1"],
-        "clientConfig": client_config("/validate", url=url, service=service, ca_pem=ca_pem),
+        "clientConfig": client_config(path, url=url, service=service, ca_pem=ca_pem),
         "rules": [dict(rule) for rule in POD_RULES],
         "namespaceSelector": selector_for(
             opt_in=namespace_selector or False, excluded=excluded_namespaces
         ),
         "failurePolicy": failure_policy,
         "matchPolicy": "Equivalent",
-        "sideEffects": "None",
+        "sideEffects": side_effects,
         "timeoutSeconds": timeout_seconds,
     }
-    return _configuration("ValidatingWebhookConfiguration", name, hook, labels, annotations)
 
 
 def _configuration(

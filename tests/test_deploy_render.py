@@ -42,7 +42,6 @@ from deploy.render import (
 )
 from deploy.webhooks import mutating_webhook_configuration, validating_webhook_configuration
 from tests.commands import mirrorgate_exe
-from webhook import demo
 from webhook.config import ConfigError, Mirror, parse_config
 
 with warnings.catch_warnings():
@@ -766,22 +765,20 @@ def test_registry_config_for_a_cache_has_no_delete_api_and_the_upstream():
     assert proxy["log"]["level"] == "warn"  # info would log the notification token
 
 
-# --- one source of webhook configurations -------------------------------------------------------
-def test_the_demo_and_the_tests_get_their_webhook_configurations_from_deploy():
+# --- webhook configurations ---------------------------------------------------------------------
+def test_the_validating_configuration_sends_the_pod_requests_to_validate_without_reinvocation():
     args = dict(
         url="https://127.0.0.1:9443",
         ca_pem=b"pem",
         namespace_selector={"matchLabels": {"mirrorgate.io/enabled": "true"}},
     )
-    assert demo.mutating_webhook_configuration("m", **args) == mutating_webhook_configuration(
-        "m", **args
-    )
-    assert demo.validating_webhook_configuration("v", **args) == validating_webhook_configuration(
-        "v", **args
-    )
-    (hook,) = demo.validating_webhook_configuration("v", **args)["webhooks"]
+    mutating = mutating_webhook_configuration("m", **args)["webhooks"][0]
+    (hook,) = validating_webhook_configuration("v", **args)["webhooks"]
     assert hook["clientConfig"]["url"] == "https://127.0.0.1:9443/validate"
+    assert mutating["clientConfig"]["url"] == "https://127.0.0.1:9443/mutate"
     assert "reinvocationPolicy" not in hook
+    assert hook["rules"] == mutating["rules"]
+    assert hook["namespaceSelector"] == mutating["namespaceSelector"]
 
 
 def test_a_config_with_the_deploy_sections_is_still_a_config_the_server_loads():

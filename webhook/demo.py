@@ -3,7 +3,7 @@
 Starts a real kube-apiserver + etcd and a real registry (see ``localcluster``), runs ``mirrorgate
 serve`` with a freshly issued certificate, registers it with a ``MutatingWebhookConfiguration``
 (``clientConfig.url`` + ``caBundle``), creates pods through the API server and shows what was
-stored. ``LocalWebhook`` and ``mutating_webhook_configuration`` are shared with the end-to-end
+stored. ``LocalWebhook`` is shared with the end-to-end
 tests.
 """
 
@@ -37,7 +37,7 @@ from typing import Any, Self
 import kubernetes.client
 
 from certs.pki import generate_ca, issue_serving
-from deploy import webhooks
+from deploy.webhooks import mutating_webhook_configuration
 from webhook.config import RegistryAccess, load_config
 from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
 from webhook.mutation import decide_image
@@ -183,56 +183,6 @@ class LocalWebhook:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def mutating_webhook_configuration(
-    name: str,
-    *,
-    url: str,
-    ca_pem: bytes,
-    namespace_selector: Mapping[str, Any] | None = None,
-    failure_policy: str = "Ignore",
-    reinvocation_policy: str = "IfNeeded",
-    timeout_seconds: int = 5,
-    excluded_namespaces: Sequence[str] = ("kube-system",),
-    side_effects: str = "None",
-) -> dict[str, Any]:
-    """A MutatingWebhookConfiguration that sends Pod creates/updates and ``kubectl debug`` to
-    ``url``; shaped by ``deploy.webhooks``, the one place webhook configurations are built."""
-    return webhooks.mutating_webhook_configuration(
-        name,
-        url=url,
-        ca_pem=ca_pem,
-        namespace_selector=namespace_selector,
-        failure_policy=failure_policy,
-        reinvocation_policy=reinvocation_policy,
-        timeout_seconds=timeout_seconds,
-        excluded_namespaces=excluded_namespaces,
-        side_effects=side_effects,
-    )
-
-
-def validating_webhook_configuration(
-    name: str,
-    *,
-    url: str,
-    ca_pem: bytes,
-    namespace_selector: Mapping[str, Any] | None = None,
-    failure_policy: str = "Ignore",
-    timeout_seconds: int = 10,
-    excluded_namespaces: Sequence[str] = ("kube-system",),
-) -> dict[str, Any]:
-    """A ValidatingWebhookConfiguration that sends the same requests to ``url`` + ``/validate``
-    (``deploy.webhooks``)."""
-    return webhooks.validating_webhook_configuration(
-        name,
-        url=url,
-        ca_pem=ca_pem,
-        namespace_selector=namespace_selector,
-        failure_policy=failure_policy,
-        timeout_seconds=timeout_seconds,
-        excluded_namespaces=excluded_namespaces,
-    )
 
 
 # --- the demo ------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from certs.pki import generate_ca, issue_serving
+from deploy.webhooks import mutating_webhook_configuration
 from tests.e2e.kubehttp import KubeHTTP, Reply
-from webhook.demo import LocalWebhook, mutating_webhook_configuration
+from webhook.demo import LocalWebhook
 from webhook.localcluster import ControlPlane
 
 OPT_IN = "mirrorgate.io/enabled"

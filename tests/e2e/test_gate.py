@@ -465,8 +465,9 @@ def test_mirrorgate_scan_exit_codes_and_output(clair, htpasswd_registry, images,
 def test_through_the_api_server_a_vulnerable_pod_is_denied_with_the_findings(
     control_plane, clair, htpasswd_registry, images, tmp_path
 ):
+    from deploy.webhooks import validating_webhook_configuration
     from tests.e2e.kubehttp import KubeHTTP
-    from webhook.demo import LocalWebhook, validating_webhook_configuration
+    from webhook.demo import LocalWebhook
 
     clean, _ = images["clean"]
     vuln, digest = images["vulnerable"]

@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.webhooks import mutating_webhook_configuration
 from tests.e2e.conftest import WEBHOOK_USER
 from tests.e2e.kubehttp import KubeHTTP, Reply
 from webhook.config import load_config
-from webhook.demo import LocalWebhook, mutating_webhook_configuration
+from webhook.demo import LocalWebhook
 from webhook.leader import LEASE_NAME
 from webhook.localcluster import ControlPlane
 from webhook.pullsecrets import MANAGED_BY_LABEL, SOURCE_VERSION_ANNOTATION, Target, rbac_rules
