@@ -458,6 +458,31 @@ RICH = {
             pod(containers=[{"name": "a", "image": "127.0.0.1:31000/library/x:1"}]),
             id="a pod already on the mirror",
         ),
+        pytest.param({**RICH, "metadata": None}, id="a pod whose metadata is null"),
+        pytest.param(
+            {**RICH, "metadata": {"name": "web", "annotations": None}},
+            id="a pod whose annotations are null",
+        ),
+        pytest.param(
+            {k: v for k, v in RICH.items() if k != "spec"}
+            | {"spec": {k: v for k, v in RICH["spec"].items() if k != "imagePullSecrets"}},
+            id="a pod without imagePullSecrets",
+        ),
+        pytest.param(
+            pod(
+                containers=[
+                    {"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"},
+                    {"name": "sidecar", "image": "envoyproxy/envoy:v1.29"},
+                ],
+                secrets=[{"name": "mirrorgate-pull"}],
+                annotations={ORIGINALS_ANNOTATION: '{"app":"nginx:1.25"}'},
+            ),
+            id="a reinvocation after a sidecar was injected",
+        ),
+        pytest.param(
+            pod(containers=["not a container", {"name": "app", "image": "nginx:1.25"}]),
+            id="a container list with an item that is not an object",
+        ),
     ],
 )
 def test_the_patch_turns_the_submitted_pod_into_exactly_the_mutated_pod(obj):

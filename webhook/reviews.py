@@ -168,78 +168,8 @@ def _listed(spec: Any, fields: tuple[str, ...]) -> dict[tuple[str, str], str]:
     return out
 
 
-def _touched(obj: Any) -> Any:
-    """What mutation may change in ``obj``, at the same paths: container names and images,
-    ``imagePullSecrets`` and annotations. Diffing these gives the patch of the whole objects at a
-    fraction of the cost (jsonpatch serialises every list item of the pod to align lists)."""
-    if not isinstance(obj, dict):
-        return obj
-    out: dict[str, Any] = {}
-    metadata = obj.get("metadata")
-    if "metadata" in obj:
-        out["metadata"] = (
-            {k: metadata[k] for k in ("annotations",) if k in metadata}
-            if isinstance(metadata, dict)
-            else metadata
-        )
-    if "spec" in obj:
-        spec = obj["spec"]
-        if isinstance(spec, dict):
-            part = {k: spec[k] for k in ("imagePullSecrets",) if k in spec}
-            for fld in CONTAINER_FIELDS:
-                if fld in spec:
-                    part[fld] = _names_and_images(spec[fld])
-            out["spec"] = part
-        else:
-            out["spec"] = spec
-    if "ephemeralContainers" in obj:
-        out["ephemeralContainers"] = _names_and_images(obj["ephemeralContainers"])
-    return out
-
-
-def _pointer(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
-
-
-def _diff(src: Any, dst: Any, path: str, ops: list[dict[str, Any]]) -> None:
-    """RFC 6902 operations that turn ``src`` into ``dst``.
-
-    A structural diff, not jsonpatch's: jsonpatch aligns lists by serialising every item, which
-    cost 60-75% of a /mutate (bench/README.md). Mutation never reorders or removes list items, so
-    lists compare by position and a list that grew gets ``add`` at its end; anything else is a
-    ``replace``. tests/test_mutation.py checks that the patch yields exactly the mutated pod.
-    """
-    if type(src) is dict and type(dst) is dict:
-        for key in src:
-            if key not in dst:
-                ops.append({"op": "remove", "path": f"{path}/{_pointer(key)}"})
-        for key, value in dst.items():
-            where = f"{path}/{_pointer(key)}"
-            if key in src:
-                _diff(src[key], value, where, ops)
-            else:
-                ops.append({"op": "add", "path": where, "value": value})
-    elif type(src) is list and type(dst) is list and len(src) <= len(dst):
-        for i, (a, b) in enumerate(zip(src, dst[: len(src)], strict=True)):
-            _diff(a, b, f"{path}/{i}", ops)
-        for i in range(len(src), len(dst)):
-            ops.append({"op": "add", "path": f"{path}/{i}", "value": dst[i]})
-    elif type(src) is not type(dst) or src != dst:
-        ops.append({"op": "replace", "path": path, "value": dst})
-
-
-def _names_and_images(items: Any) -> Any:
-    if not isinstance(items, list):
-        return items
-    return [
-        {k: c[k] for k in ("name", "image") if k in c} if isinstance(c, dict) else c for c in items
-    ]
-
-
 def _respond(req: AdmissionRequest, result: MutationResult) -> ReviewResult:
-    # The diff of what mutation may touch has the same paths as the diff of the whole objects.
-    patch: list[dict[str, Any]] = []
-    _diff(_touched(req.obj), _touched(result.obj), "", patch)
+    patch = result.patch
     response = build_response(req.uid, patch=patch, warnings=result.warnings)
     if result.skipped_pod:
         outcome = "skipped"
