@@ -23,7 +23,7 @@ from webhook.config import DEFAULT_OWN_NAMESPACE, Config
 from webhook.gate import NAMESPACE_LABELS, REGISTRY, add_gate, admission_budget, read_review_body
 from webhook.kube import Kube, NamespaceLabels, load_api_client
 from webhook.leader import ElectionSettings, LeaderElector
-from webhook.logs import get_logger
+from webhook.logs import get_logger, log_fields
 from webhook.metrics import Metrics
 from webhook.mirrors import MirrorVerifier
 from webhook.pullfailures import PullFailureCounter, watch_pull_failures
@@ -346,4 +346,4 @@ def _log_result(
         fields["warnings"] = warnings
     # Unchanged, excluded and ignored admissions are the bulk of the traffic: keep them at debug.
     level = 20 if (changed or warnings or fallbacks) else 10
-    log.log(level, "admission reviewed", extra={"fields": fields})
+    log_fields(log, level, "admission reviewed", fields)

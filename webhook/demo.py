@@ -40,6 +40,7 @@ from certs.pki import generate_ca, issue_serving
 from deploy.webhooks import mutating_webhook_configuration
 from webhook.config import RegistryAccess, load_config
 from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
+from webhook.logs import FLUSH_DELAY
 from webhook.mutation import decide_image
 from webhook.registry import RegistryClient
 
@@ -155,7 +156,12 @@ class LocalWebhook:
             proc.wait()
 
     def log_records(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (non-JSON lines are skipped)."""
+        """The JSON log lines logged so far (non-JSON lines are skipped).
+
+        serve writes info lines in batches at most ``FLUSH_DELAY`` after they were logged
+        (webhook.logs); this waits that long first, so a line about what just happened is there.
+        """
+        time.sleep(FLUSH_DELAY + 0.03)
         out = []
         if not self.log_file.exists():
             return out

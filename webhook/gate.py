@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from webhook.config import Config
-from webhook.logs import get_logger
+from webhook.logs import get_logger, log_fields
 from webhook.metrics import Metrics
 from webhook.policy import Decision, ImageVerdict, decide
 from webhook.registry import RegistryClient
@@ -176,7 +176,7 @@ class _Gate:
                 for iv in verdicts
             ],
         }
-        log.log(level, "images validated", extra={"fields": fields})
+        log_fields(log, level, "images validated", fields)
 
     # --- /events/* -----------------------------------------------------------------------------
 
