@@ -79,6 +79,27 @@ async def test_a_pod_review_is_answered_with_a_patch_over_tls(served, client_ssl
         {"webhook": "mutate", "operation": "CREATE", "outcome": "mutated"},
     )
     assert value == 1
+    # The per-admission counters keep their label children (Metrics.child): a second admission
+    # lands on the same series, a different outcome on its own.
+    await post(server, client_ssl, review(pod(), uid="abc-124"))
+    await post(server, client_ssl, review(pod(), uid="abc-125", operation="DELETE"))
+    sample = metrics.registry.get_sample_value
+    assert (
+        sample(
+            "mirrorgate_admission_requests_total",
+            {"webhook": "mutate", "operation": "CREATE", "outcome": "mutated"},
+        )
+        == 2
+    )
+    assert (
+        sample(
+            "mirrorgate_admission_requests_total",
+            {"webhook": "mutate", "operation": "DELETE", "outcome": "ignored"},
+        )
+        == 1
+    )
+    assert sample("mirrorgate_images_rewritten_total", {"upstream": "docker.io"}) == 2
+    assert sample("mirrorgate_admission_duration_seconds_count", {"webhook": "mutate"}) == 3
 
 
 async def test_probes_answer_ok(served, client_ssl):

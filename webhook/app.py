@@ -126,7 +126,7 @@ async def _registry_client_ctx(app: web.Application) -> AsyncIterator[None]:
         config.registries,
         config.registry_client,
         on_request=metrics.registry_request,
-        on_cache=lambda hit: metrics.registry_cache.labels("hit" if hit else "miss").inc(),
+        on_cache=lambda hit: metrics.child(metrics.registry_cache, "hit" if hit else "miss").inc(),
     )
     yield
     await app[REGISTRY].close()
@@ -249,7 +249,7 @@ async def handle_mutate(request: web.Request) -> web.Response:
 
     elapsed = time.perf_counter() - started
     _account(metrics, result, operation)
-    metrics.admission_duration.labels("mutate").observe(elapsed)
+    metrics.child(metrics.admission_duration, "mutate").observe(elapsed)
     _log_result(req.uid, req.namespace, req.name, req.dry_run, result, elapsed)
     return web.Response(
         body=orjson.dumps(result.response),
@@ -285,7 +285,7 @@ async def _ensure_pull_secret(
 
 
 def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
-    metrics.admission_requests.labels("mutate", operation, result.outcome).inc()
+    metrics.child(metrics.admission_requests, "mutate", operation, result.outcome).inc()
     rewritten: dict[str, int] = {}
     for c in result.containers:
         if c.applied and c.decision.upstream is not None:
@@ -301,7 +301,7 @@ def _account(metrics: Metrics, result: ReviewResult, operation: str) -> None:
         elif c.decision.reason == "rewritten":
             metrics.images_left.labels("missing_pull_secret").inc()
     for upstream, n in rewritten.items():
-        metrics.images_rewritten.labels(upstream).inc(n)
+        metrics.child(metrics.images_rewritten, upstream).inc(n)
 
 
 def _log_result(

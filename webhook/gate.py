@@ -126,8 +126,9 @@ class _Gate:
     def _answer(
         self, req: AdmissionRequest, response: dict, outcome: str, started: float, operation: str
     ) -> web.Response:
-        self.metrics.admission_requests.labels("validate", operation, outcome).inc()
-        self.metrics.admission_duration.labels("validate").observe(time.perf_counter() - started)
+        m = self.metrics
+        m.child(m.admission_requests, "validate", operation, outcome).inc()
+        m.child(m.admission_duration, "validate").observe(time.perf_counter() - started)
         return web.Response(
             body=orjson.dumps(response),
             content_type="application/json",
@@ -147,7 +148,7 @@ class _Gate:
             key = (iv.outcome, iv.verdict.worst_severity)
             counts[key] = counts.get(key, 0) + 1
         for (outcome, severity), n in counts.items():
-            self.metrics.scan_verdicts.labels(outcome, severity).inc(n)
+            self.metrics.child(self.metrics.scan_verdicts, outcome, severity).inc(n)
         for _image, outcome in decision.rejected:
             self.metrics.images_rejected.labels(req.namespace or "", outcome).inc()
 
