@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -540,6 +541,11 @@ async def _serve(
             }
         },
     )
+    # What start-up loaded (modules, config, clients, caches' structure) lives as long as the
+    # process: frozen, the collector's full passes no longer walk it between admissions (a
+    # 30-container /mutate: p99 44 -> 18 ms, throughput +25%; bench/README.md).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
