@@ -76,6 +76,24 @@ def test_warnings_and_lines_outside_a_loop_leave_at_once(installed):
     assert lines(installed.visible)[-1]["msg"] == "after the loop"
 
 
+def test_a_line_from_another_thread_leaves_at_once_while_the_loop_waits(installed):
+    log = logs.get_logger("pullsecrets")
+
+    async def both() -> None:
+        log_fields(log, logging.INFO, "from the loop", {})
+        # A worker thread has no loop: its line must not wait for the loop's timer.
+        await asyncio.to_thread(log_fields, log, logging.INFO, "from a thread", {})
+        assert [line["msg"] for line in lines(installed.visible)] == [
+            "from the loop",
+            "from a thread",
+        ]
+        log_fields(log, logging.INFO, "from the loop again", {})
+        await asyncio.sleep(0.15)
+
+    asyncio.run(both())
+    assert lines(installed.visible)[-1]["msg"] == "from the loop again"
+
+
 def test_a_loop_that_stopped_before_its_flush_strands_no_line(installed):
     log = logs.get_logger("admission")
 

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -74,8 +75,9 @@ class JsonLineHandler(logging.Handler):
         self.stream = stream
         self.flush_delay = flush_delay
         self._json = JsonFormatter()
-        # The loop whose timer will flush what is buffered; None when nothing is.
+        # The loop whose timer will flush what is buffered, and its thread; None when nothing is.
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_thread = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -96,15 +98,24 @@ class JsonLineHandler(logging.Handler):
         if level >= logging.WARNING:
             self.flush()
             return
+        pending = self._flush_loop
+        # On the thread of the loop whose timer is pending, while that loop runs, the timer
+        # takes this line too. Checked first: asyncio.get_running_loop() costs a getpid(2).
+        if (
+            pending is not None
+            and self._flush_thread == threading.get_ident()
+            and pending.is_running()
+        ):
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        # A timer of a loop that has since stopped never fires: schedule on this one.
-        if self._flush_loop is not loop:
-            self._flush_loop = loop
-            loop.call_later(self.flush_delay, self.flush)
+        # Nothing pending, or a timer of a loop that stopped before it fired: schedule on this one.
+        self._flush_loop = loop
+        self._flush_thread = threading.get_ident()
+        loop.call_later(self.flush_delay, self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
