@@ -285,3 +285,22 @@ async def test_metrics_are_served_in_prometheus_format(aiohttp_client):
         '{operation="CREATE",outcome="mutated",webhook="mutate"} 1.0' in text
     )
     assert 'mirrorgate_build_info{version="0.1.0"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "budget"),
+    [
+        pytest.param("/mutate?timeout=10s", 2.0, id="the API server's 10s leaves the config's 2s"),
+        pytest.param("/mutate?timeout=1s", 0.5, id="a 1s call leaves 0.5s for the answer"),
+        pytest.param("/mutate?timeout=3", 2.0, id="seconds without a unit"),
+        pytest.param("/mutate?dryRun=1&timeout=0.2s", 0.05, id="never less than 50 ms"),
+        pytest.param("/mutate", 2.0, id="no timeout: the config's"),
+        pytest.param("/mutate?timeout=soon", 2.0, id="an unreadable timeout: the config's"),
+    ],
+)
+def test_the_admission_budget_follows_the_api_servers_timeout(path, budget):
+    from aiohttp.test_utils import make_mocked_request
+
+    from webhook.gate import admission_budget
+
+    assert admission_budget(make_mocked_request("POST", path), 2.0) == pytest.approx(budget)

@@ -9,9 +9,11 @@ callers: a shared bearer token from ``scan.events.tokenFile`` or a client certif
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -254,9 +256,19 @@ async def read_review_body(request: web.Request) -> bytes:
 def admission_budget(request: web.Request, configured: float) -> float:
     """``configured``, capped by the API server's ``?timeout=`` for this call less a margin for
     the answer to travel back."""
-    raw = request.query.get("timeout", "")
-    try:
-        api_timeout = float(raw[:-1]) if raw.endswith("s") else float(raw)
-    except ValueError:
+    api_timeout = _api_timeout(request.query_string)
+    if api_timeout is None:
         return configured
     return max(0.05, min(configured, api_timeout - RESPONSE_MARGIN))
+
+
+@functools.lru_cache(maxsize=64)
+def _api_timeout(query: str) -> float | None:
+    """Seconds in ``timeout=`` (``10s`` or ``10``) of a raw query string; None when absent or
+    unreadable. Cached: the API server sends the same few strings, and ``request.query`` builds
+    a MultiDict per request (4 us)."""
+    raw = dict(urllib.parse.parse_qsl(query)).get("timeout", "")
+    try:
+        return float(raw[:-1]) if raw.endswith("s") else float(raw)
+    except ValueError:
+        return None
