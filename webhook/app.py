@@ -122,12 +122,10 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 async def _registry_client_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[SETTINGS].config
     metrics = app[METRICS]
-    app[REGISTRY] = RegistryClient.from_settings(
-        config.registries,
-        config.registry_client,
-        on_request=metrics.registry_request,
-        on_cache=lambda hit: metrics.child(metrics.registry_cache, "hit" if hit else "miss").inc(),
+    client = app[REGISTRY] = RegistryClient.from_settings(
+        config.registries, config.registry_client, on_request=metrics.registry_request
     )
+    metrics.registry_cache.source = lambda: (client.stats.cache_hits, client.stats.cache_misses)
     yield
     await app[REGISTRY].close()
 

@@ -242,7 +242,6 @@ class RegistryClient:
         cache: CacheSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_request: Callable[[str, float, str | None], None] | None = None,
-        on_cache: Callable[[bool], None] | None = None,
     ) -> None:
         self._access_config = dict(registries or {})
         self._hosts: dict[str, _HostAccess] = {}
@@ -256,7 +255,6 @@ class RegistryClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._on_request = on_request
-        self._on_cache = on_cache
         self.stats = ClientStats()
 
     @classmethod
@@ -357,8 +355,6 @@ class RegistryClient:
             return None
         self._cache.move_to_end(key)
         self.stats.cache_hits += 1
-        if self._on_cache:
-            self._on_cache(True)
         return entry.value
 
     def forget(self, host: str, repository: str, reference: str) -> None:
@@ -371,14 +367,10 @@ class RegistryClient:
         if entry is not None and entry.expires > now:
             self._cache.move_to_end(key)
             self.stats.cache_hits += 1
-            if self._on_cache:
-                self._on_cache(True)
             if entry.error is not None:
                 raise entry.error
             return entry.value
         self.stats.cache_misses += 1
-        if self._on_cache:
-            self._on_cache(False)
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._fill(key, fetch))

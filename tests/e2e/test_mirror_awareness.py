@@ -323,7 +323,8 @@ async def test_one_hundred_concurrent_admissions_of_a_new_image_make_one_registr
         f'mirrors: [{{upstream: docker.io, mirror: "{plain_registry.host}"}}]\n'
         f'registries: {{"{plain_registry.host}": {{plainHTTP: true}}}}\n'
     )
-    client = await aiohttp_client(create_app(Settings(config)))
+    metrics = Metrics()
+    client = await aiohttp_client(create_app(Settings(config), metrics=metrics))
     before = registry_requests(plain_registry, "head", "manifest")
     replies = await asyncio.gather(
         *(client.post("/mutate", json=admission("redis:7", uid=f"u{i}")) for i in range(100))
@@ -331,6 +332,16 @@ async def test_one_hundred_concurrent_admissions_of_a_new_image_make_one_registr
     images = {patched_image((await r.json())["response"]) for r in replies}
     assert images == {f"{plain_registry.host}/library/redis:7"}
     assert registry_requests(plain_registry, "head", "manifest") - before == 1
+    # A later admission answers from the cache; the scrape shows both kinds of lookup.
+    await client.post("/mutate", json=admission("redis:7", uid="later"))
+    lookups = {
+        result: metrics.registry.get_sample_value(
+            "mirrorgate_registry_cache_lookups_total", {"result": result}
+        )
+        for result in ("hit", "miss")
+    }
+    assert lookups["miss"] >= 1 and lookups["hit"] >= 1
+    assert lookups["hit"] + lookups["miss"] >= 101
 
 
 async def test_pin_digests_rewrites_to_the_digest_the_mirror_resolved(
