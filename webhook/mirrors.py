@@ -22,6 +22,8 @@ from webhook.registry import Manifest, RegistryClient, RegistryError
 
 log = get_logger("mirrors")
 MAX_BACKGROUND_COPIES = 4
+# Bound of the verifier's per-candidate memos (cleared when full; rebuilt on demand).
+_MEMO_LIMIT = 10_000
 
 
 def location(ref: ImageReference) -> tuple[str, str, str]:
@@ -134,6 +136,10 @@ class MirrorVerifier:
         self._copies: dict[str, asyncio.Task[None]] = {}
         self._copy_limit = asyncio.Semaphore(MAX_BACKGROUND_COPIES)
         self._on_copy = on_copy
+        # With the gate on, /validate needs the manifest itself next: one GET serves both.
+        self._op = "get" if config.scan else "head"
+        self._locations: dict[str, tuple[str, str, str]] = {}
+        self._ok: dict[str, MirrorCheck] = {}
 
     async def check_all(
         self, candidates: Iterable[str], *, budget: float, allow_copy: bool = True
@@ -168,14 +174,28 @@ class MirrorVerifier:
         return out
 
     def _known(self, candidate: str) -> MirrorCheck | None:
-        """A positive answer from the client's cache, without a task or a timer; else None."""
-        try:
-            ref = parse_reference(candidate)
-        except InvalidReferenceError:
+        """A positive answer from the client's cache, without a task or a timer; else None.
+
+        Runs for every rewritten image of every admission: where a candidate lives and the
+        answer for a digest are kept (bounded) rather than rebuilt each time."""
+        where = self._locations.get(candidate)
+        if where is None:
+            try:
+                where = location(parse_reference(candidate))
+            except InvalidReferenceError:
+                return None
+            if len(self._locations) >= _MEMO_LIMIT:
+                self._locations.clear()
+            self._locations[candidate] = where
+        manifest = self.client.cached_manifest(*where, op=self._op)
+        if manifest is None:
             return None
-        op = "get" if self.config.scan else "head"
-        manifest = self.client.cached_manifest(*location(ref), op=op)
-        return MirrorCheck(ok=True, digest=manifest.digest) if manifest is not None else None
+        check = self._ok.get(manifest.digest)
+        if check is None:
+            if len(self._ok) >= _MEMO_LIMIT:
+                self._ok.clear()
+            check = self._ok[manifest.digest] = MirrorCheck(ok=True, digest=manifest.digest)
+        return check
 
     async def _check(self, candidate: str, allow_copy: bool) -> MirrorCheck:
         try:
@@ -184,8 +204,7 @@ class MirrorVerifier:
             return MirrorCheck(ok=False, reason="invalid", detail=str(err))
         host, repo, reference = location(ref)
         try:
-            # With the gate on, /validate needs the manifest itself next: one GET serves both.
-            fetch = self.client.get_manifest if self.config.scan else self.client.head_manifest
+            fetch = self.client.get_manifest if self._op == "get" else self.client.head_manifest
             manifest = await fetch(host, repo, reference)
         except RegistryError as err:
             if err.kind == "not_found" and allow_copy:
