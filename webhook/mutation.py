@@ -256,7 +256,7 @@ def mutate_pod(
         _record(out, ORIGINALS_ANNOTATION, originals)
         if pinned:
             _record(out, PINNED_ANNOTATION, pinned)
-        patch.extend(_annotation_ops(pod, out))
+        patch.extend(_annotation_ops(pod, out, _RECORDED))
     return result
 
 
@@ -359,9 +359,11 @@ def _add_pull_secret(spec: dict[str, Any], secret: str) -> dict[str, Any]:
     return {"op": op, "path": "/spec/imagePullSecrets", "value": [{"name": secret}]}
 
 
-def _annotation_ops(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+def _annotation_ops(
+    before: dict[str, Any], after: dict[str, Any], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
     """The operations that turn ``before``'s annotations into ``after``'s, where ``after`` only
-    added or changed keys (``_record``)."""
+    added or changed some of ``keys`` (``_record``)."""
     meta = before.get("metadata")
     if not isinstance(meta, dict):
         op = "replace" if "metadata" in before else "add"
@@ -375,14 +377,16 @@ def _annotation_ops(before: dict[str, Any], after: dict[str, Any]) -> list[dict[
         {
             "op": "replace" if key in old else "add",
             "path": f"/metadata/annotations/{_pointer(key)}",
-            "value": value,
+            "value": new[key],
         }
-        for key, value in new.items()
-        if old.get(key, _ABSENT) != value
+        for key in keys
+        if key in new and old.get(key, _ABSENT) != new[key]
     ]
 
 
 _ABSENT = object()
+# The annotations mutate_pod writes.
+_RECORDED = (ORIGINALS_ANNOTATION, PINNED_ANNOTATION)
 
 
 def _pointer(key: str) -> str:
