@@ -193,6 +193,8 @@ def setup_logging(level: str = "info") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
+    for previous in root.handlers:
+        previous.flush()  # a handler replaced here keeps none of its lines
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our per-admission line.
