@@ -61,6 +61,19 @@ async def _manifest_tree(
     return out
 
 
+def _image_blobs(tree: list[tuple[str, Manifest]], report: CopyReport) -> list[str]:
+    """The blobs of every image manifest in ``tree`` (indexes have none of their own), in order;
+    each image's platform goes into ``report``."""
+    digests: list[str] = []
+    for platform, manifest in tree:
+        if manifest.is_index:
+            continue
+        if platform:
+            report.platforms.append(platform)
+        digests.extend(_blobs(manifest))
+    return digests
+
+
 def _blobs(manifest: Manifest) -> list[str]:
     doc = manifest.json()
     digests = []
@@ -82,15 +95,10 @@ async def copy_image(
     thost, trepo, _ = location(target)
     report = CopyReport(source=str(source), target=str(target))
     tree = await _manifest_tree(client, shost, srepo, sref)
-    for platform, manifest in tree:
-        if manifest.is_index:
-            continue
-        if platform:
-            report.platforms.append(platform)
-        for digest in _blobs(manifest):
-            copied = await client.copy_blob((shost, srepo), (thost, trepo), digest)
-            report.blobs_copied += copied
-            report.blobs_present += not copied
+    for digest in _image_blobs(tree, report):
+        copied = await client.copy_blob((shost, srepo), (thost, trepo), digest)
+        report.blobs_copied += copied
+        report.blobs_present += not copied
     for _, manifest in tree:
         assert manifest.body is not None
         is_top = manifest is tree[-1][1]
@@ -108,15 +116,10 @@ async def warm_proxy(client: RegistryClient, ref: ImageReference) -> CopyReport:
     host, repo, reference = location(ref)
     report = CopyReport(source=str(ref), target=str(ref))
     tree = await _manifest_tree(client, host, repo, reference)
-    for platform, manifest in tree:
-        if manifest.is_index:
-            continue
-        if platform:
-            report.platforms.append(platform)
-        for digest in _blobs(manifest):
-            await client.fetch_blob(host, repo, digest)
-            report.blobs_copied += 1
-        report.manifests += 1
+    for digest in _image_blobs(tree, report):
+        await client.fetch_blob(host, repo, digest)
+        report.blobs_copied += 1
+    report.manifests = sum(not manifest.is_index for _, manifest in tree)
     report.digest = tree[-1][1].digest
     return report
 
