@@ -155,7 +155,9 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     kube = Kube(load_api_client())
     target = Target.from_config(config, own_namespace=settings.own_namespace)
     sync = PullSecretSync(kube, target, metrics=metrics) if target is not None else None
-    labels = NamespaceLabels(kube) if config.scan is not None else None
+    # The gate's scan-mode labels: from the pull-secret view when there is one (one Namespace
+    # watch, not two), else from a watch of their own.
+    labels = NamespaceLabels(kube) if config.scan is not None and sync is None else None
     failures = PullFailureCounter(config, metrics.image_pull_failures)
     failure_watch: asyncio.Task[None] | None = None
 
@@ -175,6 +177,8 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     if sync is not None:
         await sync.start()
         app[PULL_SECRETS] = sync
+        if config.scan is not None:
+            app[NAMESPACE_LABELS] = sync.namespace_labels
     if labels is not None:
         labels.start()
         app[NAMESPACE_LABELS] = labels.get

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import orjson
@@ -41,7 +41,7 @@ SCAN_MODE_LABEL = "mirrorgate.io/scan-mode"
 RESPONSE_MARGIN = 0.5
 
 # Returns the namespace's labels, or None when unknown (no namespace cache in this process).
-NamespaceLabels = Callable[[str], dict[str, str] | None]
+NamespaceLabels = Callable[[str], Mapping[str, str] | None]
 NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
 # The one registry client of the process: the verifier and the scanner share its cache, so an image
 # is resolved once for both webhooks.

@@ -594,6 +594,14 @@ class PullSecretSync:
         if leading:
             self._dirty.set()
 
+    def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
+        """The labels of ``namespace`` as this replica's watch sees them; None while unknown.
+
+        The gate's scan-mode lookup uses this view when pull secrets are synced, so serve holds
+        one watch on Namespaces, not two."""
+        state = self._namespaces.get(namespace)
+        return state.labels if state is not None else None
+
     @property
     def synced(self) -> bool:
         """Every watch has delivered its first complete list."""

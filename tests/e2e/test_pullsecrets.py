@@ -29,8 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.webhooks import mutating_webhook_configuration
 from tests.e2e.conftest import WEBHOOK_USER
 from tests.e2e.kubehttp import KubeHTTP, Reply
+from tests.registries import push_image
 from webhook.config import load_config
 from webhook.demo import LocalWebhook
+from webhook.gate import SCAN_MODE_LABEL as SCAN_MODE
 from webhook.leader import LEASE_NAME
 from webhook.localcluster import ControlPlane
 from webhook.pullsecrets import MANAGED_BY_LABEL, SOURCE_VERSION_ANNOTATION, Target, rbac_rules
@@ -624,3 +626,118 @@ def test_two_replicas_one_leader_and_the_other_takes_over_when_it_dies(
         ]:
             kapi.request("DELETE", secret_path(item["metadata"]["namespace"], HA_COPY))
     print("pull-secret timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in TIMINGS.items()))
+
+
+# --- the gate's namespace labels come from the same watch ---------------------------------------
+
+GATE_SYSTEM = "e2e-ps-gate-system"
+GATE_COPY = "e2e-ps-gate-pull"
+
+
+def namespace_watchers(control_plane: ControlPlane, kapi: KubeHTTP) -> float:
+    """Watches on Namespaces the API server holds open (its own metric), from every client."""
+    request = urllib.request.Request(
+        f"{control_plane.url}/metrics",
+        headers={"Authorization": f"Bearer {control_plane.admin_token}"},
+    )
+    with urllib.request.urlopen(request, context=kapi.ctx, timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "apiserver_registered_watchers":
+            return sum(s.value for s in family.samples if s.labels.get("kind") == "Namespace")
+    raise AssertionError("kube-apiserver exports no apiserver_registered_watchers")
+
+
+def test_with_pull_secrets_and_the_gate_one_namespace_watch_serves_both(
+    kapi, control_plane, webhook_user_token, clair, htpasswd_registry, tmp_path
+):
+    """scan-mode labels decide /validate from the pull-secret view: no second Namespace watch."""
+    tag = f"t{next(_names)}"
+    digest = push_image(htpasswd_registry, "gate/vulnerable", tag)
+    image = f"{htpasswd_registry.host}/gate/vulnerable:{tag}"
+    clair.set_report(digest, "trimmed")
+
+    config_file, target = prepare_system(kapi, GATE_SYSTEM, GATE_COPY, accounts=False, tmp=tmp_path)
+    (tmp_path / "psk").write_text(clair.psk_b64 + "\n")
+    (tmp_path / "user").write_text(htpasswd_registry.credentials.username)
+    (tmp_path / "password").write_text(htpasswd_registry.credentials.password)
+    config_file.write_text(
+        config_file.read_text()
+        + f'registries:\n  "{htpasswd_registry.host}": {{caFile: {htpasswd_registry.ca_file},'
+        f" auth: {{usernameFile: {tmp_path / 'user'}, passwordFile: {tmp_path / 'password'}}}}}\n"
+        "scan:\n"
+        f'  clair: {{url: "{clair.url}", pskFile: {tmp_path / "psk"}, issuer: mirrorgate}}\n'
+        "  admissionBudget: 5s\n"
+    )
+    # A placeholder holds the Lease: this instance only watches and answers, it writes no copies.
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    reply = kapi.request(
+        "POST",
+        f"/apis/coordination.k8s.io/v1/namespaces/{GATE_SYSTEM}/leases",
+        {
+            "metadata": {"name": LEASE_NAME},
+            "spec": {
+                "holderIdentity": "e2e-placeholder",
+                "leaseDurationSeconds": 3600,
+                "renewTime": now,
+            },
+        },
+    )
+    assert reply.status == 201, reply.body
+    audited, strict = new_namespace(kapi), new_namespace(kapi)
+    merge_patch(
+        kapi, f"/api/v1/namespaces/{audited}", {"metadata": {"labels": {SCAN_MODE: "audit"}}}
+    )
+
+    wh = serve(
+        control_plane,
+        webhook_user_token,
+        config_file,
+        namespace=GATE_SYSTEM,
+        pod_name="mirrorgate-gate-0",
+        work=tmp_path / "serve",
+    )
+    ctx = ssl.create_default_context(cadata=wh.ca_pem.decode())
+
+    def validate(namespace: str) -> dict[str, Any]:
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": f"gate-{namespace}",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "namespace": namespace,
+                "object": {**pod("web"), "spec": {"containers": [{"name": "c", "image": image}]}},
+            },
+        }
+        request = urllib.request.Request(
+            f"{wh.url}/validate?timeout=10s",
+            json.dumps(review).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, context=ctx, timeout=15) as r:
+            return json.loads(r.read())["response"]
+
+    try:
+        within(PROMPT, lambda: validate(audited)["allowed"], "the audit label to take effect")
+        assert validate(audited)["warnings"][0].startswith("mirrorgate: audit mode")
+        assert validate(strict)["allowed"] is False
+        # Relabelling is seen through the watch, without a restart.
+        merge_patch(
+            kapi, f"/api/v1/namespaces/{strict}", {"metadata": {"labels": {SCAN_MODE: "audit"}}}
+        )
+        within(PROMPT, lambda: validate(strict)["allowed"], "the relabelled namespace")
+        with_serve = namespace_watchers(control_plane, kapi)
+    finally:
+        wh.stop()
+        unbind_rules(kapi, target, role=f"mirrorgate-{GATE_SYSTEM}")
+    # The API server drops a closed watch a moment later; what went away with serve was its own.
+    within(
+        PROMPT,
+        lambda: with_serve - namespace_watchers(control_plane, kapi) >= 1,
+        "serve's namespace watch to close",
+    )
+    time.sleep(1)
+    assert with_serve - namespace_watchers(control_plane, kapi) == 1
