@@ -125,12 +125,16 @@ def test_the_direct_line_equals_the_one_a_log_record_gives(installed):
     installed.flush()
     direct, record = lines(installed.visible)
     assert direct.pop("ts")[:16] == record.pop("ts")[:16]
-    assert direct == record == {
-        "level": "info",
-        "logger": "mirrorgate.admission",
-        "msg": "admission reviewed",
-        **fields,
-    }
+    assert (
+        direct
+        == record
+        == {
+            "level": "info",
+            "logger": "mirrorgate.admission",
+            "msg": "admission reviewed",
+            **fields,
+        }
+    )
 
 
 def test_another_handler_gets_the_lines_too(installed, caplog):
