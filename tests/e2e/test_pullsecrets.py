@@ -90,8 +90,52 @@ def pod(name: str) -> dict[str, Any]:
     }
 
 
+def admit(
+    wh: LocalWebhook, endpoint: str, namespace: str, obj: dict[str, Any], *, uid: str
+) -> dict[str, Any]:
+    """POST a pod CREATE AdmissionReview to ``wh``'s ``/mutate`` or ``/validate`` as the API
+    server does (``?timeout=10s``); its response."""
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "object": obj,
+        },
+    }
+    request = urllib.request.Request(
+        f"{wh.url}/{endpoint}?timeout=10s",
+        json.dumps(review).encode(),
+        {"Content-Type": "application/json"},
+    )
+    ctx = ssl.create_default_context(cadata=wh.ca_pem.decode())
+    with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
+        return json.loads(r.read())["response"]
+
+
 def secret_path(namespace: str, name: str = COPY) -> str:
     return f"/api/v1/namespaces/{namespace}/secrets/{name}"
+
+
+def hold_lease(kapi: KubeHTTP, namespace: str) -> None:
+    """A placeholder holds the namespace's Lease for an hour: serve there follows, never leads."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    placeholder = {
+        "metadata": {"name": LEASE_NAME},
+        "spec": {
+            "holderIdentity": "e2e-placeholder",
+            "leaseDurationSeconds": 3600,
+            "renewTime": now,
+        },
+    }
+    reply = kapi.request(
+        "POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", placeholder
+    )
+    assert reply.status == 201, reply.body
 
 
 def lease_holder(kapi: KubeHTTP, namespace: str) -> str | None:
@@ -246,19 +290,7 @@ def main(
     """The main instance, registered as the webhook; a placeholder holds its Lease."""
     tmp = tmp_path_factory.mktemp("pullsecrets")
     config_file, target = prepare_system(kapi, SYSTEM, COPY, accounts=True, tmp=tmp)
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    placeholder = {
-        "metadata": {"name": LEASE_NAME},
-        "spec": {
-            "holderIdentity": "e2e-placeholder",
-            "leaseDurationSeconds": 3600,
-            "renewTime": now,
-        },
-    }
-    reply = kapi.request(
-        "POST", f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM}/leases", placeholder
-    )
-    assert reply.status == 201, reply.body
+    hold_lease(kapi, SYSTEM)
     wh = serve(
         control_plane,
         webhook_user_token,
@@ -578,24 +610,7 @@ def test_two_replicas_one_leader_and_the_other_takes_over_when_it_dies(
         assert not logged(other, "pull secret synced", namespace=ns)
 
         # The follower keeps answering admissions (and may create a missing copy itself).
-        review = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "ha-1",
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "operation": "CREATE",
-                "namespace": ns,
-                "object": pod("web"),
-            },
-        }
-        ctx = ssl.create_default_context(cadata=other.ca_pem.decode())
-        request = urllib.request.Request(
-            f"{other.url}/mutate", json.dumps(review).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
-            answer = json.loads(r.read())["response"]
+        answer = admit(other, "mutate", ns, pod("web"), uid="ha-1")
         assert answer["allowed"] and answer["patchType"] == "JSONPatch"
 
         leader.process.kill()  # no clean shutdown: the lease is not released
@@ -670,20 +685,7 @@ def test_with_pull_secrets_and_the_gate_one_namespace_watch_serves_both(
         "  admissionBudget: 5s\n"
     )
     # A placeholder holds the Lease: this instance only watches and answers, it writes no copies.
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    reply = kapi.request(
-        "POST",
-        f"/apis/coordination.k8s.io/v1/namespaces/{GATE_SYSTEM}/leases",
-        {
-            "metadata": {"name": LEASE_NAME},
-            "spec": {
-                "holderIdentity": "e2e-placeholder",
-                "leaseDurationSeconds": 3600,
-                "renewTime": now,
-            },
-        },
-    )
-    assert reply.status == 201, reply.body
+    hold_lease(kapi, GATE_SYSTEM)
     audited, strict = new_namespace(kapi), new_namespace(kapi)
     merge_patch(
         kapi, f"/api/v1/namespaces/{audited}", {"metadata": {"labels": {SCAN_MODE: "audit"}}}
@@ -697,28 +699,10 @@ def test_with_pull_secrets_and_the_gate_one_namespace_watch_serves_both(
         pod_name="mirrorgate-gate-0",
         work=tmp_path / "serve",
     )
-    ctx = ssl.create_default_context(cadata=wh.ca_pem.decode())
+    vulnerable = {**pod("web"), "spec": {"containers": [{"name": "c", "image": image}]}}
 
     def validate(namespace: str) -> dict[str, Any]:
-        review = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": f"gate-{namespace}",
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "operation": "CREATE",
-                "namespace": namespace,
-                "object": {**pod("web"), "spec": {"containers": [{"name": "c", "image": image}]}},
-            },
-        }
-        request = urllib.request.Request(
-            f"{wh.url}/validate?timeout=10s",
-            json.dumps(review).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, context=ctx, timeout=15) as r:
-            return json.loads(r.read())["response"]
+        return admit(wh, "validate", namespace, vulnerable, uid=f"gate-{namespace}")
 
     try:
         within(PROMPT, lambda: validate(audited)["allowed"], "the audit label to take effect")
