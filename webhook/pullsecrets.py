@@ -26,9 +26,9 @@ import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from webhook.config import DEFAULT_OWN_NAMESPACE, Config, Namespaces
 from webhook.kube import (
@@ -518,6 +518,28 @@ RETRY_INITIAL = 0.5
 RETRY_MAX = 30.0
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _follow(
+    store: dict[K, V],
+    event: WatchEvent,
+    parse: Callable[[Mapping[str, Any]], V],
+    key: Callable[[V], K],
+) -> None:
+    """Keep ``store`` equal to what a watch reports: a RELIST replaces it, DELETED removes the
+    object, anything else sets it."""
+    if event.type == "RELIST":
+        store.clear()
+    for obj in event.objects if event.type == "RELIST" else (event.obj,):
+        item = parse(obj)
+        if event.type == "DELETED":
+            store.pop(key(item), None)
+        else:
+            store[key(item)] = item
+
+
 class PullSecretSync:
     """Watches on every replica, writes by the leader, ``ensure_copy`` for ``/mutate``."""
 
@@ -618,42 +640,24 @@ class PullSecretSync:
             self._dirty.set()
 
     def _apply(self, kind: str, event: WatchEvent) -> None:
-        objects = event.objects if event.type == "RELIST" else (event.obj,)
-        gone = event.type == "DELETED"
         if kind == "namespaces":
-            if event.type == "RELIST":
-                self._namespaces.clear()
-            for obj in objects:
-                ns = NamespaceState.from_object(obj)
-                if gone:
-                    self._namespaces.pop(ns.name, None)
-                else:
-                    self._namespaces[ns.name] = ns
+            _follow(self._namespaces, event, NamespaceState.from_object, lambda ns: ns.name)
         elif kind == "source":
+            objects = event.objects if event.type == "RELIST" else (event.obj,)
             if event.type == "RELIST":
                 self._source = None
             for obj in objects:
                 secret = SecretState.from_object(obj)
-                self._source = None if gone else secret
+                self._source = None if event.type == "DELETED" else secret
         elif kind == "copies":
-            if event.type == "RELIST":
-                self._secrets.clear()
-            for obj in objects:
-                secret = SecretState.from_object(obj)
-                if gone:
-                    self._secrets.pop(secret.namespace, None)
-                else:
-                    self._secrets[secret.namespace] = secret
+            _follow(self._secrets, event, SecretState.from_object, lambda s: s.namespace)
         elif kind == "serviceaccounts":
-            if event.type == "RELIST":
-                self._accounts.clear()
-            for obj in objects:
-                account = ServiceAccountState.from_object(obj)
-                key = (account.namespace, account.name)
-                if gone:
-                    self._accounts.pop(key, None)
-                else:
-                    self._accounts[key] = account
+            _follow(
+                self._accounts,
+                event,
+                ServiceAccountState.from_object,
+                lambda account: (account.namespace, account.name),
+            )
         if event.type == "RELIST":
             self._synced.add(kind)
 
