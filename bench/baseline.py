@@ -20,8 +20,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from webhook.reviews import MAX_BODY_BYTES
-from webhook.tls import inspect_pair
+from mirrorgate.webhook.core.reviews import MAX_BODY_BYTES
+from mirrorgate.webhook.server.tls import inspect_pair
 
 API_VERSION = "admission.k8s.io/v1"
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.images import parse_reference, with_mirror
+from mirrorgate.webhook.core.images import parse_reference, with_mirror
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ import aiohttp
 from bench.bodies import admission_review, encode, pod
 from bench.hot import QUERY, mutated
 from bench.stack import Backends, PinnedServer
-from tests.clair_standin import VULN_REPORT_PREFIX
-from tests.registries import access_log_requests
+from tests.helpers.clair_standin import VULN_REPORT_PREFIX
+from tests.helpers.registries import access_log_requests
 
 INDEX_DELAY = 1.0  # seconds the stand-in takes per index, like Clair on a small image
 QUICK_INDEX_DELAY = 0.25

@@ -41,9 +41,9 @@ from bench.stack import (
     write_config,
     write_serving_pki,
 )
-from tests.clair_standin import load_report
-from tests.registries import registry_requests
-from webhook.localcluster import LocalClusterError
+from mirrorgate.devtools.localcluster import LocalClusterError
+from tests.helpers.clair_standin import load_report
+from tests.helpers.registries import registry_requests
 
 THROUGHPUT_TARGET = 0.7  # mirrorgate/baseline saturated requests/s, at least
 P99_TARGET = 3.0  # mirrorgate/baseline p99 at 50% of the baseline's saturation, at most

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from certs.pki import generate_ca, issue_serving
-from tests.clair_standin import ClairStandIn
-from tests.registries import Credentials, HarnessRegistry, write_registry_pki
-from webhook.config import RegistryAccess
-from webhook.localcluster import free_port
-from webhook.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient
+from mirrorgate.certs.pki import generate_ca, issue_serving
+from mirrorgate.devtools.localcluster import free_port
+from mirrorgate.webhook.adapters.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient
+from mirrorgate.webhook.core.config import RegistryAccess
+from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.registries import Credentials, HarnessRegistry, write_registry_pki
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 20.0
@@ -210,7 +210,7 @@ def mirrorgate_server(
         [
             sys.executable,
             "-m",
-            "webhook.cli",
+            "mirrorgate.webhook.cli",
             "serve",
             "--config",
             str(config_file),

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from certs.pki import (
+from mirrorgate.certs.pki import (
     KeyPair,
     generate_ca,
     issue_serving,

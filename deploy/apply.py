@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from certs.rotation import (
+from mirrorgate.certs.rotation import (
     TLSMaterial,
     request_ca_rotation,
     secret_path,
     tls_secret_name,
 )
-from certs.rotation import (
+from mirrorgate.certs.rotation import (
     describe as describe_tls,
 )
-from deploy.kubeapi import Kube, KubeAPIError, collection_path, object_path
-from deploy.material import (
+from mirrorgate.deploy.kubeapi import Kube, KubeAPIError, collection_path, object_path
+from mirrorgate.deploy.material import (
     CREDENTIALS_SECRET,
     HTPASSWD_SECRET,
     REGISTRY_SECRET,
@@ -43,7 +43,7 @@ from deploy.material import (
     read_password_file,
     serving_names,
 )
-from deploy.render import (
+from mirrorgate.deploy.render import (
     DATA_LABEL,
     INSTANCE,
     KIND_ORDER,
@@ -56,8 +56,8 @@ from deploy.render import (
     object_key,
     render,
 )
-from deploy.webhooks import MUTATE_NAME, OPT_IN_LABEL, VALIDATE_NAME
-from webhook.config import Config
+from mirrorgate.deploy.webhooks import MUTATE_NAME, OPT_IN_LABEL, VALIDATE_NAME
+from mirrorgate.webhook.core.config import Config
 
 Action = Literal["created", "configured", "unchanged", "deleted", "kept", "labelled"]
 # Set by a webhook's pull-secret copies (webhook.pullsecrets): removed on uninstall too.

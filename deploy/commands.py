@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from certs.pki import generate_ca, issue_serving, service_names
-from deploy.apply import (
+from mirrorgate.certs.pki import generate_ca, issue_serving, service_names
+from mirrorgate.deploy.apply import (
     Change,
     DeployUsageError,
     apply,
@@ -28,10 +28,10 @@ from deploy.apply import (
     uninstall,
     write_cert_files,
 )
-from deploy.kubeapi import Kube
-from deploy.material import Existing, decide, read_password_file, serving_names
-from deploy.render import DEFAULT_CAPABILITIES, Capabilities, Rendered, render
-from webhook.config import Config
+from mirrorgate.deploy.kubeapi import Kube
+from mirrorgate.deploy.material import Existing, decide, read_password_file, serving_names
+from mirrorgate.deploy.render import DEFAULT_CAPABILITIES, Capabilities, Rendered, render
+from mirrorgate.webhook.core.config import Config
 
 EXIT_OK, EXIT_FOUND = 0, 1
 

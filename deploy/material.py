@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import bcrypt
 
-from certs.pki import service_names
-from certs.rotation import CA_BUNDLE, RenewalPolicy, TLSMaterial, plan, tls_secret_name
-from webhook.config import Config, ConfigError, DeploySettings
+from mirrorgate.certs.pki import service_names
+from mirrorgate.certs.rotation import CA_BUNDLE, RenewalPolicy, TLSMaterial, plan, tls_secret_name
+from mirrorgate.webhook.core.config import Config, ConfigError, DeploySettings
 
 CREDENTIALS_SECRET = "registry-credentials"  # username + password: kept by --keep-data
 HTPASSWD_SECRET = "registry-auth"

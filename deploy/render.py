@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from certs.rotation import CA_BUNDLE, ca_config_map_name, tls_secret_name
-from deploy.material import (
+from mirrorgate.certs.rotation import CA_BUNDLE, ca_config_map_name, tls_secret_name
+from mirrorgate.deploy.material import (
     CREDENTIALS_SECRET,
     HTPASSWD_SECRET,
     REGISTRY_SECRET,
@@ -46,11 +46,11 @@ from deploy.material import (
     registry_auth_secret_name,
     serving_names,
 )
-from deploy.webhooks import (
+from mirrorgate.deploy.webhooks import (
     mutating_webhook_configuration,
     validating_webhook_configuration,
 )
-from webhook.config import (
+from mirrorgate.webhook.core.config import (
     Config,
     DeploySettings,
     FilesystemStorage,
@@ -751,8 +751,9 @@ def rbac_rules(config: Config) -> tuple[list[dict[str, Any]], dict[str, list[dic
     certs): its own TLS Secret, the two webhook configurations' caBundle and the registry's CA
     ConfigMap, each by name.
     """
-    from webhook.pullsecrets import Target, base_rbac_rules
-    from webhook.pullsecrets import rbac_rules as serve_rules
+    from mirrorgate.webhook.controllers.pullsecrets import Target
+    from mirrorgate.webhook.core.rbac import base_rbac_rules
+    from mirrorgate.webhook.core.rbac import rbac_rules as serve_rules
 
     d = deploy_settings(config)
     target = Target.from_config(config, own_namespace=d.namespace)
@@ -1181,7 +1182,7 @@ class _Webhook:
 
     def dashboard(self) -> dict[str, Any] | None:
         """The Grafana dashboard, for Grafana's sidecar (label ``grafana_dashboard: "1"``)."""
-        ref = resources.files("deploy").joinpath("monitoring/mirrorgate-dashboard.json")
+        ref = resources.files("mirrorgate.deploy").joinpath("monitoring/mirrorgate-dashboard.json")
         if not ref.is_file():
             return None
         lbl = {**self.lbl, "grafana_dashboard": "1"}
@@ -1267,7 +1268,7 @@ def _url_host(url: str | None) -> str | None:
 
 def alert_rule_groups() -> list[dict[str, Any]] | None:
     """The groups of ``deploy/monitoring/mirrorgate.rules.yml`` (shipped as package data)."""
-    ref = resources.files("deploy").joinpath("monitoring/mirrorgate.rules.yml")
+    ref = resources.files("mirrorgate.deploy").joinpath("monitoring/mirrorgate.rules.yml")
     if not ref.is_file():
         return None
     groups = yaml.safe_load(ref.read_text(encoding="utf-8")).get("groups")

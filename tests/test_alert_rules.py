@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from webhook.metrics import Metrics
+from mirrorgate.webhook.infra.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "monitoring" / "mirrorgate.rules.yml"

@@ -15,8 +15,8 @@ import pytest
 
 from bench import bodies, load, stack
 from bench.run import P99_TARGET, THROUGHPUT_TARGET, _targets
-from webhook.config import config_from_dict
-from webhook.reviews import parse_review, review_mutation
+from mirrorgate.webhook.core.config import config_from_dict
+from mirrorgate.webhook.core.reviews import parse_review, review_mutation
 
 CONFIG = config_from_dict(
     {

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certs.pki import (
+from mirrorgate.certs.pki import (
     generate_ca,
     issue_serving,
     load_certificates,
@@ -23,7 +23,7 @@ from certs.pki import (
     signed_by,
     subject_names,
 )
-from certs.rotation import (
+from mirrorgate.certs.rotation import (
     CertRenewer,
     RenewalPolicy,
     RenewalTargets,
@@ -329,7 +329,7 @@ def test_certs_issue_writes_a_ca_and_a_serving_pair_for_the_service(tmp_path):
         [
             sys.executable,
             "-m",
-            "webhook.cli",
+            "mirrorgate.webhook.cli",
             "certs",
             "issue",
             "--service",
@@ -376,8 +376,8 @@ def test_certs_issue_writes_a_ca_and_a_serving_pair_for_the_service(tmp_path):
     ],
 )
 def test_serve_runs_the_renewer_only_where_deploy_put_it(monkeypatch, env, extra, expected):
-    from webhook.app import Settings, _cert_renewer
-    from webhook.config import parse_config
+    from mirrorgate.webhook.core.config import parse_config
+    from mirrorgate.webhook.server.app import Settings, _cert_renewer
 
     monkeypatch.delenv("MIRRORGATE_TLS_SECRET", raising=False)
     for key, value in env.items():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.commands import mirrorgate_exe
-from tests.pki import make_ca
+from tests.helpers.commands import mirrorgate_exe
+from tests.helpers.pki import make_ca
 
 CONFIG = """\
 mirrors:
@@ -273,7 +273,15 @@ def test_help_explains_every_command():
 
 def test_python_dash_m_runs_the_same_cli(config):
     r = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "rewrite", "--config", str(config), "nginx"],
+        [
+            sys.executable,
+            "-m",
+            "mirrorgate.webhook.cli",
+            "rewrite",
+            "--config",
+            str(config),
+            "nginx",
+        ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parent.parent,

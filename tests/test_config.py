@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from webhook.config import ConfigError, load_config, parse_config
-from webhook.images import parse_reference
+from mirrorgate.webhook.core.config import ConfigError, load_config, parse_config
+from mirrorgate.webhook.core.images import parse_reference
 
 EXAMPLE = textwrap.dedent(
     """\

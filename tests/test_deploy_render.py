@@ -26,12 +26,12 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from certs.pki import load_certificates, service_names, subject_names
-from certs.rotation import TLSMaterial
-from deploy.apply import changed_paths
-from deploy.commands import cmd_render
-from deploy.material import Existing, decide, serving_names
-from deploy.render import (
+from mirrorgate.certs.pki import load_certificates, service_names, subject_names
+from mirrorgate.certs.rotation import TLSMaterial
+from mirrorgate.deploy.apply import changed_paths
+from mirrorgate.deploy.commands import cmd_render
+from mirrorgate.deploy.material import Existing, decide, serving_names
+from mirrorgate.deploy.render import (
     DATA_LABEL,
     KIND_ORDER,
     Capabilities,
@@ -40,9 +40,12 @@ from deploy.render import (
     registry_config,
     render,
 )
-from deploy.webhooks import mutating_webhook_configuration, validating_webhook_configuration
-from tests.commands import mirrorgate_exe
-from webhook.config import ConfigError, Mirror, parse_config
+from mirrorgate.deploy.webhooks import (
+    mutating_webhook_configuration,
+    validating_webhook_configuration,
+)
+from mirrorgate.webhook.core.config import ConfigError, Mirror, parse_config
+from tests.helpers.commands import mirrorgate_exe
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -707,8 +710,8 @@ def test_a_password_file_is_used_and_a_new_username_gets_a_new_password(tmp_path
     (tmp_path / "registry-password").write_text("s3cret-from-file\n")
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(ISSUE_CONFIG)
-    from deploy.material import read_password_file
-    from webhook.config import load_config
+    from mirrorgate.deploy.material import read_password_file
+    from mirrorgate.webhook.core.config import load_config
 
     c = load_config(path)
     m = decide(c, Existing(), names=["x"], password=read_password_file(c))
@@ -727,7 +730,7 @@ def test_render_lists_secrets_by_name_and_prints_their_values_only_when_asked(tm
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(ISSUE_CONFIG + SCAN)
     (tmp_path / "registry-password").write_text("pa55-word-from-file\n")
-    from webhook.config import load_config
+    from mirrorgate.webhook.core.config import load_config
 
     c = load_config(path)
     args = SimpleNamespace(

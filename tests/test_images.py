@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from webhook.images import (
+from mirrorgate.webhook.core.images import (
     ImageReference,
     InvalidReferenceError,
     parse_canonical,

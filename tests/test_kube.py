@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.commands import mirrorgate_exe
-from tests.pki import make_ca
-from webhook import kube as kube_module
-from webhook.kube import Kube, KubeConfigError, KubeError, load_api_client
-from webhook.localcluster import free_port
+from mirrorgate.devtools.localcluster import free_port
+from mirrorgate.webhook.adapters import kube as kube_module
+from mirrorgate.webhook.adapters.kube import Kube, KubeConfigError, KubeError, load_api_client
+from tests.helpers.commands import mirrorgate_exe
+from tests.helpers.pki import make_ca
 
 
 def test_outside_a_cluster_the_client_comes_from_kubeconfig(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from webhook import logs
-from webhook.logs import JsonLineHandler, log_fields
+from mirrorgate.webhook.infra import logs
+from mirrorgate.webhook.infra.logs import JsonLineHandler, log_fields
 
 
 class CountingStream(io.BytesIO):
@@ -151,7 +151,7 @@ def test_lines_logged_just_before_exit_reach_stderr():
     code = textwrap.dedent(
         """
         import asyncio, logging
-        from webhook.logs import get_logger, log_fields, setup_logging
+        from mirrorgate.webhook.infra.logs import get_logger, log_fields, setup_logging
 
         setup_logging("info")
         log = get_logger("admission")

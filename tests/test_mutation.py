@@ -9,9 +9,9 @@ import json
 import jsonpatch
 import pytest
 
-from webhook.config import parse_config
-from webhook.mutation import ORIGINALS_ANNOTATION, decide_image, mutate_pod
-from webhook.reviews import BadReviewError, parse_review, review_mutation
+from mirrorgate.webhook.core.config import parse_config
+from mirrorgate.webhook.core.mutation import ORIGINALS_ANNOTATION, decide_image, mutate_pod
+from mirrorgate.webhook.core.reviews import BadReviewError, parse_review, review_mutation
 
 CONFIG = parse_config(
     """
@@ -373,7 +373,7 @@ pinDigests: true
 
 
 def test_a_mirror_that_cannot_serve_keeps_the_original_image_and_warns():
-    from webhook.mutation import MirrorCheck
+    from mirrorgate.webhook.core.mutation import MirrorCheck
 
     checks = {
         "127.0.0.1:31000/library/nginx:1.25": MirrorCheck(
@@ -397,7 +397,7 @@ def test_an_unchecked_candidate_counts_as_unavailable():
 
 
 def test_pin_digests_adds_the_resolved_digest_and_records_it():
-    from webhook.mutation import PINNED_ANNOTATION, MirrorCheck
+    from mirrorgate.webhook.core.mutation import PINNED_ANNOTATION, MirrorCheck
 
     digest = "sha256:" + "c" * 64
     checks = {"127.0.0.1:31000/library/nginx:1.25": MirrorCheck(ok=True, digest=digest)}

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from webhook.config import AllowEntry, ClairSettings, ScanSettings
-from webhook.policy import ImageVerdict, Verdict, decide, evaluate, explain, findings_in, worst
+from mirrorgate.webhook.core.config import AllowEntry, ClairSettings, ScanSettings
+from mirrorgate.webhook.core.policy import (
+    ImageVerdict,
+    Verdict,
+    decide,
+    evaluate,
+    explain,
+    findings_in,
+    worst,
+)
 
-CLAIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "clair"
+CLAIR = Path(__file__).resolve().parent / "data" / "clair"  # copied from Clair, see its README
 TRIMMED = json.loads((CLAIR / "derived" / "vulnerabilityreport.trimmed.json").read_text())
 FULL = json.loads((CLAIR / "testdata" / "quay" / "vulnerabilityreport.json").read_text())
 ALPINE = json.loads(

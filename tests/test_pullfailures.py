@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from webhook.config import parse_config
-from webhook.metrics import Metrics
-from webhook.pullfailures import PullFailureCounter, classify
+from mirrorgate.webhook.controllers.pullfailures import PullFailureCounter, classify
+from mirrorgate.webhook.core.config import parse_config
+from mirrorgate.webhook.infra.metrics import Metrics
 
 CONFIG = parse_config(
     "mirrors:\n"

@@ -8,14 +8,14 @@ import datetime as dt
 
 import pytest
 
-from webhook.config import Namespaces, config_from_dict
-from webhook.leader import ElectionSettings, LeaseRecord, claim, held_by_other, micro_time
-from webhook.pullsecrets import (
-    MANAGED_BY_LABEL,
-    SERVICE_ACCOUNT_ANNOTATION,
-    SOURCE_ANNOTATION,
-    SOURCE_HASH_ANNOTATION,
-    SOURCE_VERSION_ANNOTATION,
+from mirrorgate.webhook.controllers.leader import (
+    ElectionSettings,
+    LeaseRecord,
+    claim,
+    held_by_other,
+    micro_time,
+)
+from mirrorgate.webhook.controllers.pullsecrets import (
     CopyResult,
     CreateCopy,
     DeleteCopy,
@@ -26,14 +26,22 @@ from webhook.pullsecrets import (
     ServiceAccountState,
     Target,
     UpdateCopy,
+    copy_manifest,
+    plan,
+)
+from mirrorgate.webhook.core.config import Namespaces, config_from_dict
+from mirrorgate.webhook.core.pullsecrets import (
+    MANAGED_BY_LABEL,
+    SERVICE_ACCOUNT_ANNOTATION,
+    SOURCE_ANNOTATION,
+    SOURCE_HASH_ANNOTATION,
+    SOURCE_VERSION_ANNOTATION,
     admission_warning,
     content_hash,
-    copy_manifest,
     injected_pull_secret,
-    plan,
-    rbac_rules,
     service_account_patch,
 )
+from mirrorgate.webhook.core.rbac import rbac_rules
 
 NAME = "mirrorgate-pull"
 TARGET = Target(name=NAME, source_namespace="mirrorgate", source_name="registry-pull")
@@ -524,7 +532,7 @@ def test_election_timings_scale_like_client_go_and_reject_impossible_ones():
 
 
 def test_without_pull_secret_copies_serve_needs_only_namespaces_events_and_its_lease():
-    from webhook.pullsecrets import base_rbac_rules
+    from mirrorgate.webhook.core.rbac import base_rbac_rules
 
     rules = base_rbac_rules("mg", lease_name="l")
     assert [r["resources"] for r in rules.cluster] == [["namespaces"], ["events"]]

@@ -11,12 +11,12 @@ import ssl
 import aiohttp
 import pytest
 
-from tests.pki import make_ca
+from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.server import app as app_module
+from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
+from mirrorgate.webhook.server.tls import ReloadingTLS, TLSConfigError
+from tests.helpers.pki import make_ca
 from tests.test_mutation import CONFIG, pod, review
-from webhook import app as app_module
-from webhook.app import Settings, create_app, create_metrics_app
-from webhook.metrics import Metrics
-from webhook.tls import ReloadingTLS, TLSConfigError
 
 
 @pytest.fixture
@@ -301,6 +301,6 @@ async def test_metrics_are_served_in_prometheus_format(aiohttp_client):
 def test_the_admission_budget_follows_the_api_servers_timeout(path, budget):
     from aiohttp.test_utils import make_mocked_request
 
-    from webhook.gate import admission_budget
+    from mirrorgate.webhook.server.gate import admission_budget
 
     assert admission_budget(make_mocked_request("POST", path), 2.0) == pytest.approx(budget)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
+import importlib.metadata
 import json
 import os
 import signal
@@ -20,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from webhook import __version__
-from webhook.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError, load_config
-from webhook.mutation import decide_image
+from mirrorgate.webhook import __version__
+from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError, load_config
+from mirrorgate.webhook.core.mutation import decide_image
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -216,11 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("images", nargs="+", metavar="IMAGE")
     scan.set_defaults(func=cmd_scan)
 
-    from webhook.demo import add_demo_parser
-
-    add_demo_parser(sub)
+    add_plugin_parsers(sub)
     add_deploy_parsers(sub)
     return parser
+
+
+# Subcommands of other distributions in the `mirrorgate` namespace: mirrorgate-devtools (a
+# checkout's scripts/setup installs it) adds `demo`. The runtime package never imports them.
+PLUGIN_GROUP = "mirrorgate.commands"
+PLUGINS_MISSING = {
+    "demo": "the demo is development tooling, not part of this installation: in a checkout of "
+    "mirrorgate, run scripts/setup (it installs devtools/), then .venv/bin/mirrorgate demo",
+}
+
+
+def add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    found = set()
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        entry.load()(sub)
+        found.add(entry.name)
+    for name, why in PLUGINS_MISSING.items():
+        if name not in found:
+            missing = sub.add_parser(name, help=f"(not installed) {why.split(':')[0]}")
+            missing.set_defaults(func=functools.partial(_missing_plugin, why))
+
+
+def _missing_plugin(why: str, args: argparse.Namespace) -> int:
+    raise UsageError(why)
 
 
 def resolve_config(path: str | None) -> Config:
@@ -265,7 +289,7 @@ def _expand_stdin(items: list[str]) -> list[str]:
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
-    from webhook.prewarm import images_in_manifests, prewarm
+    from mirrorgate.webhook.services.prewarm import images_in_manifests, prewarm
 
     config = resolve_config(args.config)
     images = _expand_stdin(list(args.images))
@@ -292,8 +316,8 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from webhook.policy import explain
-    from webhook.scanner import scan_images
+    from mirrorgate.webhook.core.policy import explain
+    from mirrorgate.webhook.services.scanner import scan_images
 
     config = resolve_config(args.config)
     if config.scan is None:
@@ -349,7 +373,7 @@ def _finding(f: Any) -> dict[str, Any]:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from webhook.reviews import BadReviewError, parse_review, review_mutation
+    from mirrorgate.webhook.core.reviews import BadReviewError, parse_review, review_mutation
 
     config = resolve_config(args.config)
     doc = _read_manifest(args.file)
@@ -421,9 +445,9 @@ def _as_review(doc: Any, *, namespace: str | None) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from webhook.kube import KubeConfigError
-    from webhook.logs import setup_logging
-    from webhook.tls import TLSConfigError
+    from mirrorgate.webhook.adapters.kube import KubeConfigError
+    from mirrorgate.webhook.infra.logs import setup_logging
+    from mirrorgate.webhook.server.tls import TLSConfigError
 
     setup_logging(args.log_level)
     config = resolve_config(args.config)
@@ -457,7 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _kubernetes_access(config: Config, log: Any) -> bool:
     """Whether serve can use the Kubernetes API; required when pullSecret.source is set."""
-    from webhook.kube import KubeConfigError, load_api_client
+    from mirrorgate.webhook.adapters.kube import KubeConfigError, load_api_client
 
     try:
         load_api_client().close()
@@ -485,11 +509,11 @@ async def _serve(
 ) -> int:
     from aiohttp import web
 
-    from webhook.app import Settings, create_app, create_metrics_app
-    from webhook.leader import ElectionSettings, default_identity
-    from webhook.logs import get_logger
-    from webhook.metrics import Metrics
-    from webhook.tls import ReloadingTLS
+    from mirrorgate.webhook.controllers.leader import ElectionSettings, default_identity
+    from mirrorgate.webhook.infra.logs import get_logger
+    from mirrorgate.webhook.infra.metrics import Metrics
+    from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
+    from mirrorgate.webhook.server.tls import ReloadingTLS
 
     log = get_logger("serve")
     metrics = Metrics()
@@ -685,10 +709,10 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 def _deploy_command(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        from deploy import commands
-        from deploy.apply import DeployError, DeployUsageError
-        from deploy.kubeapi import KubeAPIError, KubeConfigError
-        from deploy.render import RenderError
+        from mirrorgate.deploy import commands
+        from mirrorgate.deploy.apply import DeployError, DeployUsageError
+        from mirrorgate.deploy.kubeapi import KubeAPIError, KubeConfigError
+        from mirrorgate.deploy.render import RenderError
 
         try:
             if name == "issue":

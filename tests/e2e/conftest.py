@@ -13,7 +13,7 @@ from pathlib import Path
 import kubernetes.client
 import pytest
 
-from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry
+from mirrorgate.devtools.localcluster import ControlPlane, LocalClusterError, LocalRegistry
 
 E2E_DIR = Path(__file__).parent
 
@@ -81,7 +81,7 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRe
 # Real registries for the registry v2 client tests (helpers: tests/registries.py). All use one test
 # CA (registry_pki), listen on 127.0.0.1 and expose host, url, credentials, ca_file, cert_dir and
 # metrics_url. Counters only grow and the registries are shared by the session: compare deltas.
-from tests.registries import (  # noqa: E402 - appended section, kept apart from the fixtures above
+from tests.helpers.registries import (  # noqa: E402 - appended section, kept apart from the fixtures above
     Credentials,
     HarnessRegistry,
     RegistryPKI,
@@ -180,7 +180,7 @@ def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness
 import base64  # noqa: E402 - appended section, kept apart from the fixtures above
 import secrets  # noqa: E402
 
-from tests.clair_standin import ClairStandIn  # noqa: E402
+from tests.helpers.clair_standin import ClairStandIn  # noqa: E402
 
 CLAIR_ISSUER = "mirrorgate"
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from certs.pki import generate_ca, issue_serving
-from deploy.webhooks import mutating_webhook_configuration
-from tests.e2e.kubehttp import KubeHTTP, Reply
-from webhook.demo import LocalWebhook
-from webhook.localcluster import ControlPlane
+from mirrorgate.certs.pki import generate_ca, issue_serving
+from mirrorgate.deploy.webhooks import mutating_webhook_configuration
+from mirrorgate.devtools.demo import LocalWebhook
+from mirrorgate.devtools.localcluster import ControlPlane
+from tests.helpers.kubehttp import KubeHTTP, Reply
 
 OPT_IN = "mirrorgate.io/enabled"
 MIRROR = "127.0.0.1:31000"

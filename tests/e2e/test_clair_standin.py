@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.clair_standin import (
+from tests.helpers.clair_standin import (
     INTRASERVICE_ISSUER,
     NOTIFIER_ISSUER,
     VULN_REPORT_CONTENT_TYPE,
@@ -34,7 +34,7 @@ from tests.clair_standin import (
     load_report,
     make_psk_jwt,
 )
-from tests.registries import (
+from tests.helpers.registries import (
     ACCEPT_ALL_MANIFESTS,
     HarnessRegistry,
     access_log_requests,

@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes.client.exceptions import ApiException
 
-from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, find_assets
+from mirrorgate.devtools.localcluster import (
+    ControlPlane,
+    LocalClusterError,
+    LocalRegistry,
+    find_assets,
+)
 
 
 @pytest.fixture

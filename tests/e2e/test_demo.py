@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes.client
 import kubernetes.config
 
-from tests.commands import mirrorgate_exe
+from tests.helpers.commands import mirrorgate_exe
 
 
 def processes_under(workdir: Path) -> list[int]:

@@ -39,24 +39,24 @@ import pytest
 import yaml
 from cryptography import x509
 
-from certs.pki import load_certificates, signed_by
-from certs.rotation import CertRenewer
-from deploy.kubeapi import Kube
-from tests.clair_standin import ClairStandIn
-from tests.commands import mirrorgate_exe
+from mirrorgate.certs.pki import load_certificates, signed_by
+from mirrorgate.certs.rotation import CertRenewer
+from mirrorgate.deploy.kubeapi import Kube
+from mirrorgate.devtools.demo import LocalWebhook
+from mirrorgate.devtools.localcluster import ControlPlane, free_port
+from mirrorgate.webhook.adapters.kube import Kube as AsyncKube
+from mirrorgate.webhook.core.config import load_config
 from tests.e2e.conftest import WEBHOOK_USER
-from tests.e2e.kubehttp import KubeHTTP
-from tests.registries import (
+from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.commands import mirrorgate_exe
+from tests.helpers.kubehttp import KubeHTTP
+from tests.helpers.registries import (
     Credentials,
     HarnessRegistry,
     push_image,
     sha256_digest,
     skopeo_inspect_raw,
 )
-from webhook.config import load_config
-from webhook.demo import LocalWebhook
-from webhook.kube import Kube as AsyncKube
-from webhook.localcluster import ControlPlane, free_port
 
 OPT_IN = "mirrorgate.io/enabled"
 MANAGED = "app.kubernetes.io/managed-by=mirrorgate"
@@ -107,7 +107,7 @@ def pod(name: str, image: str) -> dict[str, Any]:
 
 def managed(kube: Kube, release: str) -> list[str]:
     """Every object labelled as installed by `release` that is not already being deleted."""
-    from deploy.apply import capabilities, installed
+    from mirrorgate.deploy.apply import capabilities, installed
 
     caps, _ = capabilities(kube)
     return sorted(
@@ -117,7 +117,7 @@ def managed(kube: Kube, release: str) -> list[str]:
 
 
 def versions(kube: Kube, release: str) -> dict[str, str]:
-    from deploy.apply import capabilities, installed
+    from mirrorgate.deploy.apply import capabilities, installed
 
     caps, _ = capabilities(kube)
     return {

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.clair_standin import ClairStandIn
-from tests.commands import mirrorgate_exe
-from tests.registries import HarnessRegistry, push_image, skopeo_inspect_raw
-from webhook.app import Settings, create_app
-from webhook.config import parse_config
-from webhook.gate import NAMESPACE_LABELS, SCANNER
-from webhook.localcluster import free_port
-from webhook.metrics import Metrics
+from mirrorgate.devtools.localcluster import free_port
+from mirrorgate.webhook.core.config import parse_config
+from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.server.app import Settings, create_app
+from mirrorgate.webhook.server.gate import NAMESPACE_LABELS, SCANNER
+from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.commands import mirrorgate_exe
+from tests.helpers.registries import HarnessRegistry, push_image, skopeo_inspect_raw
 
 
 def write_config(
@@ -465,9 +465,9 @@ def test_mirrorgate_scan_exit_codes_and_output(clair, htpasswd_registry, images,
 def test_through_the_api_server_a_vulnerable_pod_is_denied_with_the_findings(
     control_plane, clair, htpasswd_registry, images, tmp_path
 ):
-    from deploy.webhooks import validating_webhook_configuration
-    from tests.e2e.kubehttp import KubeHTTP
-    from webhook.demo import LocalWebhook
+    from mirrorgate.deploy.webhooks import validating_webhook_configuration
+    from mirrorgate.devtools.demo import LocalWebhook
+    from tests.helpers.kubehttp import KubeHTTP
 
     clean, _ = images["clean"]
     vuln, digest = images["vulnerable"]

@@ -19,8 +19,12 @@ from typing import Any
 
 import pytest
 
-from tests.commands import mirrorgate_exe
-from tests.registries import (
+from mirrorgate.webhook.adapters.registry import RegistryClient, RegistryError
+from mirrorgate.webhook.core.config import RegistryAccess, parse_config
+from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.server.app import VERIFIER, Settings, create_app
+from tests.helpers.commands import mirrorgate_exe
+from tests.helpers.registries import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
@@ -30,10 +34,6 @@ from tests.registries import (
     push_image,
     registry_requests,
 )
-from webhook.app import VERIFIER, Settings, create_app
-from webhook.config import RegistryAccess, parse_config
-from webhook.metrics import Metrics
-from webhook.registry import RegistryClient, RegistryError
 
 
 def access_for(reg: HarnessRegistry, tmp: Path, *, password: str | None = None) -> RegistryAccess:

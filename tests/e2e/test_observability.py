@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.kubehttp import KubeHTTP
+from mirrorgate.devtools.demo import LocalWebhook
+from mirrorgate.devtools.localcluster import free_port
 from tests.e2e.test_gate import review, write_config
-from tests.registries import push_image
-from webhook.demo import LocalWebhook
-from webhook.localcluster import free_port
+from tests.helpers.kubehttp import KubeHTTP
+from tests.helpers.registries import push_image
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "monitoring" / "mirrorgate.rules.yml"

@@ -26,16 +26,18 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.webhooks import mutating_webhook_configuration
+from mirrorgate.deploy.webhooks import mutating_webhook_configuration
+from mirrorgate.devtools.demo import LocalWebhook
+from mirrorgate.devtools.localcluster import ControlPlane
+from mirrorgate.webhook.controllers.leader import LEASE_NAME
+from mirrorgate.webhook.controllers.pullsecrets import Target
+from mirrorgate.webhook.core.config import load_config
+from mirrorgate.webhook.core.pullsecrets import MANAGED_BY_LABEL, SOURCE_VERSION_ANNOTATION
+from mirrorgate.webhook.core.rbac import rbac_rules
+from mirrorgate.webhook.server.gate import SCAN_MODE_LABEL as SCAN_MODE
 from tests.e2e.conftest import WEBHOOK_USER
-from tests.e2e.kubehttp import KubeHTTP, Reply
-from tests.registries import push_image
-from webhook.config import load_config
-from webhook.demo import LocalWebhook
-from webhook.gate import SCAN_MODE_LABEL as SCAN_MODE
-from webhook.leader import LEASE_NAME
-from webhook.localcluster import ControlPlane
-from webhook.pullsecrets import MANAGED_BY_LABEL, SOURCE_VERSION_ANNOTATION, Target, rbac_rules
+from tests.helpers.kubehttp import KubeHTTP, Reply
+from tests.helpers.registries import push_image
 
 OPT_IN = "mirrorgate.io/enabled"
 MIRROR = "127.0.0.1:31000"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registries import (
+from tests.helpers.registries import (
     ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST,
     DOCKER_SCHEMA1_SIGNED,

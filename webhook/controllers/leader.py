@@ -30,12 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from webhook.kube import Kube, KubeError, lease_path
-from webhook.logs import get_logger
+from mirrorgate.webhook.adapters.kube import Kube, KubeError, lease_path
+from mirrorgate.webhook.core.rbac import LEASE_NAME
+from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("leader")
 
-LEASE_NAME = "mirrorgate-leader"
 DEFAULT_LEASE_DURATION = 15.0
 # client-go waits up to 1.2 x RetryPeriod between attempts so that candidates spread out.
 JITTER = 1.2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from webhook.logs import get_logger
+from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("tls")
 DEFAULT_RELOAD_INTERVAL = 10.0

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from certs.pki import KeyPair, generate_ca, issue_serving
+from mirrorgate.certs.pki import KeyPair, generate_ca, issue_serving
 
 
 @dataclass

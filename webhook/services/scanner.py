@@ -1,4 +1,4 @@
-"""The Clair v4 side of the gate: client, background indexing, verdict cache, notifications.
+"""The Clair v4 side of the gate: background indexing, verdict cache, notifications.
 
 Clair indexing blocks for seconds to minutes, and an admission may wait at most the API server's
 timeout, so scans happen ahead of admission (on push, on first sight) in a bounded background
@@ -6,276 +6,36 @@ queue, one index request per manifest digest however many admissions ask. Admiss
 ``scan.admissionBudget`` and otherwise answers "pending". Verdicts are cached by manifest digest and
 policy, and dropped when Clair notifies that a manifest's vulnerabilities changed.
 
-Facts this is shaped by (reference/clair/README.md): PSK auth is an HS256 JWT signed with the
-base64-decoded key; ``POST /indexer/api/v1/index_report`` blocks until indexed and Clair fetches
-every layer itself with the headers given; ``GET /matcher/api/v1/vulnerability_report/{digest}`` is
-200 with the report (not the spec's 201), 404 before indexing, 202 while the matcher starts.
+The Clair client itself (PSK auth, the blocking index call, report status codes) is
+``mirrorgate.webhook.adapters.clair``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import hashlib
-import hmac
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from webhook.config import ClairSettings, Config, ScanSettings
-from webhook.images import InvalidReferenceError, parse_reference
-from webhook.logs import get_logger
-from webhook.mirrors import location
-from webhook.policy import ImageVerdict, Verdict, evaluate, worst
-from webhook.registry import MANIFEST_TYPES, Manifest, RegistryClient, RegistryError
+from mirrorgate.webhook.adapters.clair import ClairClient, ClairError
+from mirrorgate.webhook.adapters.registry import (
+    MANIFEST_TYPES,
+    Manifest,
+    RegistryClient,
+    RegistryError,
+)
+from mirrorgate.webhook.core.config import Config, ScanSettings
+from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference
+from mirrorgate.webhook.core.policy import ImageVerdict, Verdict, evaluate, worst
+from mirrorgate.webhook.infra.logs import get_logger
+from mirrorgate.webhook.services.mirrors import location
 
 log = get_logger("scanner")
-TOKEN_LIFETIME = 300
-INDEX_TIMEOUT = 900.0  # Clair answers the index request only when indexing is done
 UNAVAILABLE_TTL = 5.0  # reuse "Clair is down" briefly instead of hammering it
 SEEN_NOTIFICATIONS = 1024
-
-
-class ClairError(Exception):
-    """A Clair call failed; ``kind``: auth, network, timeout, server, not_ready, index_error."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def psk_token(key: bytes, issuer: str, *, now: float | None = None) -> str:
-    """An HS256 JWT as Clair's PSK auth expects: ``iss`` listed in Clair's config, short-lived."""
-    issued = int(now if now is not None else time.time())
-    header = {"alg": "HS256", "typ": "JWT"}
-    claims = {"iss": issuer, "iat": issued, "nbf": issued - 30, "exp": issued + TOKEN_LIFETIME}
-    signing_input = (
-        _b64url(json.dumps(header, separators=(",", ":")).encode())
-        + "."
-        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    )
-    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{_b64url(signature)}"
-
-
-CLAIR_NOTIFIER_ISSUER = "clair-notifier"  # the iss of every request Clair's notifier signs
-JWT_LEEWAY = 60
-
-
-def verify_psk_token(
-    token: str, key: bytes, *, issuers: tuple[str, ...], now: float | None = None
-) -> bool:
-    """Whether ``token`` is an HS256 JWT signed with ``key`` by one of ``issuers``, in time.
-
-    Clair's notifier signs its webhook deliveries this way when ``auth.psk`` is configured, so a
-    delivery that verifies comes from a Clair that holds mirrorgate's key.
-    """
-    parts = token.split(".")
-    if len(parts) != 3:
-        return False
-    try:
-        header = json.loads(_b64url_decode(parts[0]))
-        claims = json.loads(_b64url_decode(parts[1]))
-        signature = _b64url_decode(parts[2])
-    except ValueError:
-        return False
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        return False
-    expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(signature, expected) or not isinstance(claims, dict):
-        return False
-    t = now if now is not None else time.time()
-    try:
-        if "exp" in claims and float(claims["exp"]) < t - JWT_LEEWAY:
-            return False
-        if "nbf" in claims and float(claims["nbf"]) > t + JWT_LEEWAY:
-            return False
-    except (TypeError, ValueError):
-        return False
-    return claims.get("iss") in issuers
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class ClairClient:
-    """Clair v4's indexer, matcher and notifier APIs with PSK auth."""
-
-    def __init__(self, settings: ClairSettings, *, timeout: float = 10.0) -> None:
-        self.settings = settings
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-        self._key: bytes | None = None
-        self._key_stamp: tuple[int, int, int] | None = None
-        self._token: tuple[str, float] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.settings.url
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _psk(self) -> bytes:
-        path = Path(self.settings.psk_file)
-        try:
-            st = path.stat()
-        except OSError as err:
-            raise ClairError(
-                "auth", f"cannot read scan.clair.pskFile {path}: {err.strerror or err}"
-            ) from err
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._key is None or stamp != self._key_stamp:
-            try:
-                self._key = base64.b64decode(path.read_text().strip(), validate=True)
-            except (OSError, ValueError) as err:
-                raise ClairError(
-                    "auth", f"scan.clair.pskFile {path} is not base64 (Clair's auth.psk.key format)"
-                ) from err
-            self._key_stamp, self._token = stamp, None
-        return self._key
-
-    def verifies(self, token: str) -> bool:
-        """Whether ``token`` was signed by Clair's notifier with the shared PSK."""
-        try:
-            key = self._psk()
-        except ClairError:
-            return False
-        return verify_psk_token(token, key, issuers=(CLAIR_NOTIFIER_ISSUER,))
-
-    def _authorization(self) -> str:
-        key = self._psk()
-        now = time.time()
-        if self._token is None or self._token[1] < now + 30:
-            self._token = (psk_token(key, self.settings.issuer, now=now), now + TOKEN_LIFETIME)
-        return f"Bearer {self._token[0]}"
-
-    async def _call(
-        self, method: str, url: str, *, body: Any = None, timeout: float | None = None
-    ) -> tuple[int, bytes]:
-        headers = {"Authorization": self._authorization()}
-        data = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            data = json.dumps(body).encode()
-        try:
-            async with self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
-            ) as resp:
-                return resp.status, await resp.read()
-        except TimeoutError as err:
-            raise ClairError("timeout", f"Clair at {self.url} did not answer in time") from err
-        except (aiohttp.ClientError, OSError) as err:
-            raise ClairError("network", f"Clair at {self.url} unreachable: {err}") from err
-
-    def _check(self, status: int, body: bytes, what: str) -> None:
-        if status in (401, 403):
-            raise ClairError(
-                "auth",
-                f"Clair refused {what} (HTTP {status}): check "
-                "scan.clair.pskFile and issuer against Clair's auth.psk",
-            )
-        if status == 429 or status >= 500:
-            raise ClairError("server", f"Clair answered HTTP {status} to {what}")
-
-    async def index(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """POST the manifest for indexing; returns the IndexReport once Clair is done."""
-        status, body = await self._call(
-            "POST",
-            f"{self.url}/indexer/api/v1/index_report",
-            body=manifest,
-            timeout=INDEX_TIMEOUT,
-        )
-        if status >= 500:
-            # Real Clair answers a failed layer fetch with 500 and its reason, not with a 201
-            # IndexError report (claircore passes the controller's error up).
-            message = _error_message(body)
-            if message:
-                raise ClairError(
-                    "index_error", f"Clair could not index {manifest.get('hash')}: {message}"
-                )
-        self._check(status, body, "an index request")
-        if status not in (200, 201):
-            raise ClairError("server", f"Clair answered HTTP {status} to an index request")
-        report = _json(body)
-        if report.get("state") == "IndexError" or report.get("success") is False:
-            raise ClairError(
-                "index_error",
-                f"Clair could not index {manifest.get('hash')}: "
-                f"{report.get('err') or 'IndexError'}",
-            )
-        return report
-
-    async def vulnerability_report(self, digest: str) -> dict[str, Any] | None:
-        """The report, or None when Clair has not indexed ``digest``."""
-        status, body = await self._call(
-            "GET", f"{self.url}/matcher/api/v1/vulnerability_report/{digest}"
-        )
-        if status == 404:
-            return None
-        if status == 202:
-            raise ClairError("not_ready", f"Clair's matcher at {self.url} is still starting")
-        self._check(status, body, "a vulnerability report request")
-        if status not in (200, 201):
-            raise ClairError("server", f"Clair answered HTTP {status} to a report request")
-        return _json(body)
-
-    async def notification_page(
-        self, callback: str, *, page_size: int, next_id: str | None
-    ) -> dict[str, Any]:
-        params = f"?page_size={page_size}" + (f"&next={next_id}" if next_id else "")
-        status, body = await self._call("GET", callback + params)
-        self._check(status, body, "a notification page request")
-        if status != 200:
-            raise ClairError("server", f"Clair answered HTTP {status} to a notification page")
-        return _json(body)
-
-    async def delete_notification(self, callback: str) -> None:
-        status, body = await self._call("DELETE", callback)
-        self._check(status, body, "a notification delete")
-
-
-def _error_message(body: bytes) -> str:
-    """The message of Clair's JSON error body ({"code", "message"}), or ""."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return ""
-    return str(doc.get("message") or "") if isinstance(doc, dict) else ""
-
-
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except ValueError as err:
-        raise ClairError("server", "Clair answered something that is not JSON") from err
-    if not isinstance(doc, dict):
-        raise ClairError("server", "Clair answered JSON that is not an object")
-    return doc
 
 
 @dataclass

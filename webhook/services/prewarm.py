@@ -9,11 +9,11 @@ from typing import Any
 
 import yaml
 
-from webhook.config import Config
-from webhook.images import parse_reference
-from webhook.mirrors import CopyReport, copy_image, warm_proxy
-from webhook.mutation import CONTAINER_FIELDS, decide_image
-from webhook.registry import RegistryClient, RegistryError
+from mirrorgate.webhook.adapters.registry import RegistryClient, RegistryError
+from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.images import parse_reference
+from mirrorgate.webhook.core.mutation import CONTAINER_FIELDS, decide_image
+from mirrorgate.webhook.services.mirrors import CopyReport, copy_image, warm_proxy
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 

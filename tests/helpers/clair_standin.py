@@ -62,7 +62,6 @@ import gzip
 import hashlib
 import hmac
 import json
-import os
 import re
 import ssl
 import threading
@@ -80,13 +79,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-# shared/ lies beside the project checkout (as in CI); MIRRORGATE_CLAIR_REFERENCE overrides.
-REFERENCE_DIR = Path(
-    os.environ.get(
-        "MIRRORGATE_CLAIR_REFERENCE",
-        Path(__file__).resolve().parents[2] / "shared" / "reference" / "clair",
-    )
-)
+# Clair's real reports, notifier pages and API spec, copied into the project (see its README).
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "clair"
 REPORT_FILES = {
     "trimmed": "derived/vulnerabilityreport.trimmed.json",
     "full": "testdata/quay/vulnerabilityreport.json",
@@ -136,8 +130,7 @@ def load_report(name: str | Path) -> dict[str, Any]:
     path = REFERENCE_DIR / REPORT_FILES[name] if name in REPORT_FILES else Path(name)
     if not path.exists():
         raise FileNotFoundError(
-            f"Clair reference report {path} is missing (set MIRRORGATE_CLAIR_REFERENCE to the "
-            "folder holding the reference/clair data)"
+            f"Clair reference report {path} is missing: tests/data/clair is part of the checkout"
         )
     return json.loads(path.read_text())
 

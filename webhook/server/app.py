@@ -18,24 +18,16 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from certs.rotation import CertRenewer
-from webhook.config import DEFAULT_OWN_NAMESPACE, Config
-from webhook.gate import NAMESPACE_LABELS, REGISTRY, add_gate, admission_budget, read_review_body
-from webhook.kube import Kube, NamespaceLabels, load_api_client
-from webhook.leader import ElectionSettings, LeaderElector
-from webhook.logs import get_logger, log_fields
-from webhook.metrics import Metrics
-from webhook.mirrors import MirrorVerifier
-from webhook.pullfailures import PullFailureCounter, watch_pull_failures
-from webhook.pullsecrets import (
-    CopyResult,
-    PullSecretSync,
-    Target,
-    admission_warning,
-    injected_pull_secret,
-)
-from webhook.registry import RegistryClient
-from webhook.reviews import (
+from mirrorgate.certs.rotation import CertRenewer
+from mirrorgate.webhook.adapters.kube import Kube, load_api_client
+from mirrorgate.webhook.adapters.registry import RegistryClient
+from mirrorgate.webhook.controllers.leader import ElectionSettings, LeaderElector
+from mirrorgate.webhook.controllers.namespaces import NamespaceLabels
+from mirrorgate.webhook.controllers.pullfailures import PullFailureCounter, watch_pull_failures
+from mirrorgate.webhook.controllers.pullsecrets import CopyResult, PullSecretSync, Target
+from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config
+from mirrorgate.webhook.core.pullsecrets import admission_warning, injected_pull_secret
+from mirrorgate.webhook.core.reviews import (
     MAX_BODY_BYTES,
     AdmissionRequest,
     BadReviewError,
@@ -44,6 +36,16 @@ from webhook.reviews import (
     parse_review,
     review_mutation,
 )
+from mirrorgate.webhook.infra.logs import get_logger, log_fields
+from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.server.gate import (
+    NAMESPACE_LABELS,
+    REGISTRY,
+    add_gate,
+    admission_budget,
+    read_review_body,
+)
+from mirrorgate.webhook.services.mirrors import MirrorVerifier
 
 log = get_logger("admission")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from webhook.config import Config
-from webhook.mutation import (
+from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.mutation import (
     CONTAINER_FIELDS,
     Checks,
     ContainerDecision,

@@ -36,13 +36,18 @@ from typing import Any, Self
 
 import kubernetes.client
 
-from certs.pki import generate_ca, issue_serving
-from deploy.webhooks import mutating_webhook_configuration
-from webhook.config import RegistryAccess, load_config
-from webhook.localcluster import ControlPlane, LocalClusterError, LocalRegistry, free_port
-from webhook.logs import FLUSH_DELAY
-from webhook.mutation import decide_image
-from webhook.registry import RegistryClient
+from mirrorgate.certs.pki import generate_ca, issue_serving
+from mirrorgate.deploy.webhooks import mutating_webhook_configuration
+from mirrorgate.devtools.localcluster import (
+    ControlPlane,
+    LocalClusterError,
+    LocalRegistry,
+    free_port,
+)
+from mirrorgate.webhook.adapters.registry import RegistryClient
+from mirrorgate.webhook.core.config import RegistryAccess, load_config
+from mirrorgate.webhook.core.mutation import decide_image
+from mirrorgate.webhook.infra.logs import FLUSH_DELAY
 
 OPT_IN_LABEL = "mirrorgate.io/enabled"
 DEMO_OWN_NAMESPACE = "mirrorgate"
@@ -97,7 +102,7 @@ class LocalWebhook:
         argv = [
             sys.executable,
             "-m",
-            "webhook.cli",
+            "mirrorgate.webhook.cli",
             "serve",
             "--config",
             str(self.config_file),

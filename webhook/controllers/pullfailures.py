@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.config import Config
-from webhook.images import InvalidReferenceError, parse_reference
-from webhook.logs import get_logger
+from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference
+from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("pullfailures")
 EVENTS_PATH = "/api/v1/events"

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from webhook import __version__
-from webhook.images import (
+from mirrorgate.webhook import __version__
+from mirrorgate.webhook.core.images import (
     ImageReference,
     InvalidReferenceError,
     parse_domain,
@@ -1217,7 +1217,8 @@ class _Validator:
         raw = m.get("secretMounts", [])
         if not isinstance(raw, list):
             self.fail(
-                "deploy.secretMounts", f"must be a list of {{secret, path}}, got {_type(raw)}"
+                "deploy.secretMounts",
+                f"must be a list of {{secret, path}}, got {_type(raw)}",
             )
             raw = []
         reserved = ("/etc/mirrorgate/config", "/etc/mirrorgate/tls", "/etc/mirrorgate/registry")

@@ -20,12 +20,11 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from webhook.config import Config
-from webhook.logs import get_logger, log_fields
-from webhook.metrics import Metrics
-from webhook.policy import Decision, ImageVerdict, decide
-from webhook.registry import RegistryClient
-from webhook.reviews import (
+from mirrorgate.webhook.adapters.clair import ClairClient
+from mirrorgate.webhook.adapters.registry import RegistryClient
+from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.policy import Decision, ImageVerdict, decide
+from mirrorgate.webhook.core.reviews import (
     MAX_BODY_BYTES,
     AdmissionRequest,
     BadReviewError,
@@ -33,7 +32,9 @@ from webhook.reviews import (
     images_to_validate,
     parse_review,
 )
-from webhook.scanner import ClairClient, Scanner
+from mirrorgate.webhook.infra.logs import get_logger, log_fields
+from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.services.scanner import Scanner
 
 log = get_logger("gate")
 SCANNER = web.AppKey("scanner", Scanner)

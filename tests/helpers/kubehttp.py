@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.demo import parse_warning_header
+from mirrorgate.devtools.demo import parse_warning_header
 
 
 @dataclass

@@ -50,8 +50,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from certs.pki import KeyPair, generate_ca, issue_serving
-from webhook.localcluster import LocalClusterError, LocalRegistry, free_port
+from mirrorgate.certs.pki import KeyPair, generate_ca, issue_serving
+from mirrorgate.devtools.localcluster import LocalClusterError, LocalRegistry, free_port
 
 log = logging.getLogger(__name__)
 

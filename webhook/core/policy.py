@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from webhook.config import SEVERITIES, AllowEntry, ScanSettings
+from mirrorgate.webhook.core.config import SEVERITIES, AllowEntry, ScanSettings
 
 Outcome = Literal["pass", "fail", "pending", "unavailable"]
 # Worst first when several platforms (or images) disagree.

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import orjson
 
-from webhook.config import Config
-from webhook.images import InvalidReferenceError, parse_reference, with_mirror
+from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference, with_mirror
 
 ORIGINALS_ANNOTATION = "mirrorgate.io/original-images"
 # container name -> the digest pinDigests resolved at admission (the image then ends in @digest).

@@ -14,11 +14,11 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from webhook.config import Config, Mirror
-from webhook.images import ImageReference, InvalidReferenceError, parse_reference
-from webhook.logs import get_logger
-from webhook.mutation import MirrorCheck
-from webhook.registry import Manifest, RegistryClient, RegistryError
+from mirrorgate.webhook.adapters.registry import Manifest, RegistryClient, RegistryError
+from mirrorgate.webhook.core.config import Config, Mirror
+from mirrorgate.webhook.core.images import ImageReference, InvalidReferenceError, parse_reference
+from mirrorgate.webhook.core.mutation import MirrorCheck
+from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("mirrors")
 MAX_BACKGROUND_COPIES = 4

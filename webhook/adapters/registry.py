@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 import aiohttp
 
-from webhook.config import RegistryAccess, RegistryClientSettings
-from webhook.logs import get_logger
+from mirrorgate.webhook.core.config import RegistryAccess, RegistryClientSettings
+from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("registry")
 

@@ -1,0 +1,1 @@
+"""The clients of the systems mirrorgate talks to: Kubernetes, container registries, Clair."""

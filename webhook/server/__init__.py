@@ -1,0 +1,1 @@
+"""The HTTP side: the aiohttp applications, thin handlers, TLS with certificate reloads."""
