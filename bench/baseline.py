@@ -1,9 +1,9 @@
 """The baseline server: the floor mirrorgate runs on.
 
 The same aiohttp stack as ``mirrorgate serve`` (``web.Application`` with the same body limit,
-``AppRunner`` without access log, ``TCPSite`` with the TLS context ``webhook.tls`` builds) whose
-handler only parses the AdmissionReview and answers ``allowed: true`` with its uid, on every path
-mirrorgate serves. Whatever mirrorgate costs beyond this is mirrorgate's own.
+``AppRunner`` without access log, ``TCPSite`` with the TLS context ``webhook.server.tls`` builds)
+whose handler only parses the AdmissionReview and answers ``allowed: true`` with its uid, on every
+path mirrorgate serves. Whatever mirrorgate costs beyond this is mirrorgate's own.
 
     python -m bench.baseline --tls-cert F --tls-key F --listen 127.0.0.1:PORT [--uvloop]
 """

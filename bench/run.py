@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mirrorgate-path",
         metavar="DIR",
         default=None,
-        help="put DIR first on the mirrorgate server's PYTHONPATH (measure a modified copy of "
-        "the webhook package; the baseline is unchanged)",
+        help="measure a modified checkout: the server imports mirrorgate from DIR's webhook/, "
+        "deploy/ and certs/ instead of the installed ones (the baseline is unchanged)",
     )
     parser.add_argument(
         "--baseline-uvloop",

@@ -1,11 +1,11 @@
 """The processes the benchmark runs, where they run, and the state it puts in them.
 
-Owns: choosing cores; the two servers under test (``mirrorgate serve`` and ``bench.baseline``),
-each a child process started as ``taskset -c <core> python -m ...`` on 127.0.0.1 with one
-certificate made for the run, and stopped by its PID; the real docker-registry (TLS + htpasswd,
-with Prometheus debug metrics and an access log, via ``tests.registries.HarnessRegistry``) the
-mirrors point at; the Clair v4 stand-in (``tests.clair_standin``); pushing images; and the
-mirrorgate.yaml that ties them together.
+Owns: choosing cores; the two servers under test (``mirrorgate serve`` and ``bench.baseline``), each
+a child process started as ``taskset -c <core> python -m ...`` on 127.0.0.1 with one certificate
+made for the run, and stopped by its PID; the real docker-registry (TLS + htpasswd, with Prometheus
+debug metrics and an access log, via ``tests.helpers.registries.HarnessRegistry``) the mirrors point
+at; the Clair v4 stand-in (``tests.helpers.clair_standin``); pushing images; and the mirrorgate.yaml
+that ties them together.
 """
 
 from __future__ import annotations
@@ -185,10 +185,25 @@ class PinnedServer:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _python_env(extra_pythonpath: str | None) -> dict[str, str]:
+def import_tree(checkout: Path, work_dir: Path) -> Path:
+    """A folder that imports as the ``mirrorgate`` package of ``checkout``: setuptools maps the
+    card's folders under the one import root, a path entry needs them where the name says."""
+    root = work_dir / "import-tree"
+    (root / "mirrorgate").mkdir(parents=True, exist_ok=True)
+    for pkg in ("webhook", "deploy", "certs"):
+        if not (checkout / pkg / "__init__.py").is_file():
+            raise FileNotFoundError(f"{checkout} is not a mirrorgate checkout (no {pkg}/)")
+        link = root / "mirrorgate" / pkg
+        link.unlink(missing_ok=True)
+        link.symlink_to((checkout / pkg).resolve())
+    return root
+
+
+def _python_env(checkout: str | None, work_dir: Path) -> dict[str, str]:
     # The servers run with cwd = their work dir, so the project must be on the path explicitly;
-    # an extra entry (a scratch copy of the package) goes first and wins.
-    paths = [p for p in (extra_pythonpath, str(PROJECT_ROOT)) if p]
+    # a modified checkout's import tree goes first and wins over the installed package.
+    extra = str(import_tree(Path(checkout), work_dir)) if checkout else None
+    paths = [p for p in (extra, str(PROJECT_ROOT)) if p]
     current = os.environ.get("PYTHONPATH")
     if current:
         paths.append(current)
@@ -229,7 +244,7 @@ def mirrorgate_server(
         core=core,
         work_dir=work_dir,
         ca_pem=pki.ca_pem,
-        env=_python_env(pythonpath),
+        env=_python_env(pythonpath, work_dir),
         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
 
@@ -263,7 +278,7 @@ def baseline_server(
         core=core,
         work_dir=work_dir,
         ca_pem=pki.ca_pem,
-        env=_python_env(pythonpath),
+        env=_python_env(pythonpath, work_dir),
     )
 
 

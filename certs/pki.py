@@ -94,6 +94,8 @@ def issue_serving(
         raise ValueError("a serving certificate needs at least one name")
     ca_cert = ca.certificate
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key is not an EC key (mirrorgate's CAs are P-256)")
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     dns_names: list[str] = []
@@ -132,7 +134,7 @@ def issue_serving(
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )

@@ -1,8 +1,9 @@
 """Renewal and rotation of the webhook's certificates, kept in one Secret, without downtime.
 
-Owns the layout of the TLS Secret, the decision what to change in it and when (``plan``, pure),
-and ``CertRenewer``, which applies those decisions through the Kubernetes API from inside the
-running webhook and keeps every ``caBundle`` consumer in step.
+Owns the layout of the TLS Secret and the decision what to change in it and when (``plan``), as
+pure functions over the Secret's content. ``mirrorgate.webhook.controllers.certs.CertRenewer``
+applies those decisions through the Kubernetes API from inside the running webhook and keeps
+every ``caBundle`` consumer in step; the deployer uses the same functions at install.
 
 The Secret ``<release>-tls`` (type ``kubernetes.io/tls``) holds everything, so one write with a
 resourceVersion changes it atomically (replicas race safely: the loser gets 409 and re-reads):
@@ -26,22 +27,18 @@ each ``overlap`` apart, so that nothing the API server sees is ever untrusted:
 3. drop: ``ca.crt`` = new CA, once every replica serves the new certificate (the kubelet updates a
    mounted Secret within about a minute, and the server polls the files).
 
-Standard library and ``cryptography`` only: the Kubernetes API is whatever object with async
-``get(path) -> dict | None`` and ``replace(path, body) -> dict`` is handed in (the server's
-``webhook.kube.Kube`` is one). No key material is ever logged.
+Standard library and ``cryptography`` only, and no I/O. No key material is ever logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import dataclasses
 import datetime as dt
-import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -56,8 +53,6 @@ from mirrorgate.certs.pki import (
     subject_names,
 )
 
-log = logging.getLogger("mirrorgate.certs")
-
 TLS_CERT, TLS_KEY, CA_BUNDLE = "tls.crt", "tls.key", "ca.crt"
 SIGNING_CERT, SIGNING_KEY = "ca-signing.crt", "ca-signing.key"
 NEXT_CERT, NEXT_KEY = "ca-next.crt", "ca-next.key"
@@ -65,9 +60,7 @@ STEP_AT_ANNOTATION = "mirrorgate.io/tls-step-at"
 ROTATE_CA_ANNOTATION = "mirrorgate.io/rotate-ca"
 ROTATE_REQUESTED = "requested"
 RENEW_FRACTION = 2 / 3
-DEFAULT_INTERVAL = 60.0
 CA_COMMON_NAME = "mirrorgate-webhook-ca"
-ADMISSION_API = "/apis/admissionregistration.k8s.io/v1"
 
 
 # --- names of the objects that hold or consume the certificates ---------------------------------
@@ -329,29 +322,6 @@ def describe(material: TLSMaterial | None) -> dict[str, Any]:
     return out
 
 
-# --- the running webhook's side -------------------------------------------------------------------
-class KubeAPI(Protocol):
-    async def get(self, path: str) -> dict[str, Any] | None: ...
-
-    async def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
-
-
-def secret_path(namespace: str, name: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/secrets/{name}"
-
-
-def config_map_path(namespace: str, name: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/configmaps/{name}"
-
-
-def webhook_configuration_path(kind: str, name: str) -> str:
-    plural = {
-        "mutating": "mutatingwebhookconfigurations",
-        "validating": "validatingwebhookconfigurations",
-    }
-    return f"{ADMISSION_API}/{plural[kind]}/{name}"
-
-
 def with_material(secret: Mapping[str, Any], material: TLSMaterial) -> dict[str, Any]:
     """``secret`` with ``material`` written into it (other keys and metadata kept)."""
     body = dict(secret)
@@ -385,150 +355,6 @@ def bundle_with_ca(obj: Mapping[str, Any], ca_bundle: bytes) -> dict[str, Any] |
         k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"
     }
     return body
-
-
-class CertRenewer:
-    """Keeps the TLS Secret renewed and rotated and every caBundle consumer current.
-
-    Every replica may run one: writes carry the resourceVersion they were based on, so of two
-    replicas deciding the same step one wins and the other re-reads (HTTP 409). Errors are logged
-    and retried on the next tick; the webhook keeps serving whatever it has mounted.
-    """
-
-    def __init__(
-        self,
-        api: KubeAPI,
-        targets: RenewalTargets,
-        *,
-        policy: RenewalPolicy | None = None,
-        names: Sequence[str] | None = None,
-        interval: float = DEFAULT_INTERVAL,
-        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-        on_change: Callable[[tuple[str, ...]], None] | None = None,
-    ) -> None:
-        self.api = api
-        self.targets = targets
-        self.policy = policy or RenewalPolicy()
-        self.names = list(names) if names else None
-        self.interval = interval
-        self._now = now
-        self._on_change = on_change
-
-    @classmethod
-    def for_release(
-        cls,
-        api: KubeAPI,
-        *,
-        release: str,
-        namespace: str,
-        durations: Any,
-        registry_namespace: str | None = None,
-        interval: float = DEFAULT_INTERVAL,
-    ) -> CertRenewer:
-        """The renewer for what ``mirrorgate deploy`` installed: ``durations`` has
-        ``ca_duration``, ``serving_duration`` and ``rotation_overlap`` in seconds (the config's
-        ``certs`` section); ``registry_namespace`` when the registry trusts the CA for its
-        notifications (a ``registry`` and a ``scan`` section)."""
-        policy = RenewalPolicy.from_seconds(
-            ca=durations.ca_duration,
-            serving=durations.serving_duration,
-            overlap=durations.rotation_overlap,
-        )
-        targets = RenewalTargets.for_release(
-            release, namespace=namespace, registry_namespace=registry_namespace
-        )
-        return cls(api, targets, policy=policy, interval=interval)
-
-    async def reconcile(self) -> tuple[str, ...]:
-        """One pass: renew/rotate if due, then bring the caBundle consumers in line."""
-        path = secret_path(self.targets.namespace, self.targets.secret)
-        secret = await self.api.get(path)
-        if secret is None:
-            raise LookupError(
-                f"TLS Secret {self.targets.namespace}/{self.targets.secret} does not exist "
-                "(mirrorgate deploy apply creates it)"
-            )
-        current = TLSMaterial.from_secret(secret)
-        step = plan(current, names=self.names, policy=self.policy, now=self._now())
-        reasons: tuple[str, ...] = ()
-        bundle = current.ca_bundle if current else b""
-        if step is not None:
-            await self.api.replace(path, with_material(secret, step.material))
-            reasons = step.reasons
-            bundle = step.material.ca_bundle
-            log.info("webhook certificates changed: %s", "; ".join(reasons))
-        reasons += await self.publish_bundle(bundle)
-        if reasons and self._on_change:
-            self._on_change(reasons)
-        return reasons
-
-    async def publish_bundle(self, bundle: bytes) -> tuple[str, ...]:
-        """Write ``bundle`` to each webhook configuration and CA ConfigMap that differs."""
-        if not bundle:
-            return ()
-        done: list[str] = []
-        hooks = [("mutating", n) for n in self.targets.mutating_webhooks] + [
-            ("validating", n) for n in self.targets.validating_webhooks
-        ]
-        for kind, name in hooks:
-            path = webhook_configuration_path(kind, name)
-            obj = await self.api.get(path)
-            if obj is None:
-                continue
-            body = bundle_with_ca(obj, bundle)
-            if body is not None:
-                await self.api.replace(path, body)
-                done.append(f"caBundle of {kind} webhook configuration {name} updated")
-        text = bundle.decode()
-        for namespace, name in self.targets.ca_config_maps:
-            path = config_map_path(namespace, name)
-            obj = await self.api.get(path)
-            if obj is None or (obj.get("data") or {}).get(CA_BUNDLE) == text:
-                continue
-            body = {**obj, "data": {**(obj.get("data") or {}), CA_BUNDLE: text}}
-            body["metadata"] = {
-                k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"
-            }
-            await self.api.replace(path, body)
-            done.append(f"CA ConfigMap {namespace}/{name} updated")
-        return tuple(done)
-
-    async def run(self) -> None:
-        """Reconcile every ``interval`` seconds until cancelled; never raises otherwise."""
-        while True:
-            try:
-                await self.reconcile()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # a 409, a network error: try again on the next tick
-                status = getattr(err, "status", None)
-                if status == 409:
-                    log.info("TLS Secret changed concurrently; re-reading on the next tick")
-                else:
-                    log.warning("certificate renewal failed: %s", _safe(err))
-            await asyncio.sleep(self.interval)
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[CertRenewer]:
-        """Run in the background for the duration of the block (for a ``cleanup_ctx``)."""
-        task = asyncio.create_task(self.run(), name="mirrorgate-cert-renewer")
-        try:
-            yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def _safe(err: BaseException) -> str:
-    # Kubernetes errors carry a status and a reason; never the request body (a Secret).
-    status = getattr(err, "status", None)
-    reason = getattr(err, "reason", None)
-    if status is not None:
-        return f"HTTP {status} {reason or ''}".strip()
-    return type(err).__name__ + (
-        f": {err}" if not isinstance(err, OSError) else f": {err.strerror}"
-    )
 
 
 def request_ca_rotation(secret: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,13 +24,12 @@ from urllib.parse import urlsplit
 from mirrorgate.certs.rotation import (
     TLSMaterial,
     request_ca_rotation,
-    secret_path,
     tls_secret_name,
 )
 from mirrorgate.certs.rotation import (
     describe as describe_tls,
 )
-from mirrorgate.deploy.kubeapi import Kube, KubeAPIError, collection_path, object_path
+from mirrorgate.deploy.config import DeployConfig
 from mirrorgate.deploy.material import (
     CREDENTIALS_SECRET,
     HTPASSWD_SECRET,
@@ -57,10 +56,16 @@ from mirrorgate.deploy.render import (
     render,
 )
 from mirrorgate.deploy.webhooks import MUTATE_NAME, OPT_IN_LABEL, VALIDATE_NAME
-from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.adapters.kube import (
+    KubeError,
+    SyncKube,
+    collection_path,
+    object_path,
+    secret_path,
+)
 
 Action = Literal["created", "configured", "unchanged", "deleted", "kept", "labelled"]
-# Set by a webhook's pull-secret copies (webhook.pullsecrets): removed on uninstall too.
+# Set by a webhook's pull-secret copies (webhook.controllers.pullsecrets): removed on uninstall too.
 PULL_SECRET_SOURCE_ANNOTATION = "mirrorgate.io/pull-secret-source"
 WAIT_INTERVAL = 2.0
 
@@ -96,14 +101,14 @@ class Report:
 
 
 # --- discovery and the cluster's current secrets ---------------------------------------------
-def capabilities(kube: Kube) -> tuple[Capabilities, str]:
+def capabilities(kube: SyncKube) -> tuple[Capabilities, str]:
     major, minor, git = kube.version()
     versions = {v for vs in KIND_VERSIONS.values() for v in vs if v != "v1"}
     served = kube.served_kinds(["v1", *sorted(versions)])
     return Capabilities(version=(major, minor), served=frozenset(served)), git
 
 
-def existing_secrets(kube: Kube, config: Config) -> Existing:
+def existing_secrets(kube: SyncKube, config: DeployConfig) -> Existing:
     d = deploy_settings(config)
 
     def get(namespace: str, name: str) -> dict[str, Any] | None:
@@ -120,7 +125,7 @@ def existing_secrets(kube: Kube, config: Config) -> Existing:
 
 
 def prepare(
-    kube: Kube, config: Config, *, webhook_url: str | None = None
+    kube: SyncKube, config: DeployConfig, *, webhook_url: str | None = None
 ) -> tuple[Rendered, Material, Capabilities, str, Existing]:
     caps, git = capabilities(kube)
     existing = existing_secrets(kube, config)
@@ -159,7 +164,7 @@ def changed_paths(before: Any, after: Any, prefix: str = "", depth: int = 3) -> 
     return [] if before == after else [prefix or "(object)"]
 
 
-def apply_object(kube: Kube, obj: Mapping[str, Any]) -> Change:
+def apply_object(kube: SyncKube, obj: Mapping[str, Any]) -> Change:
     live = kube.get(object_path(obj))
     if (
         live is not None
@@ -182,7 +187,9 @@ def apply_object(kube: Kube, obj: Mapping[str, Any]) -> Change:
     return Change("configured", describe(obj), ", ".join(paths[:6]))
 
 
-def label_excluded_namespaces(kube: Kube, config: Config, caps: Capabilities) -> list[Change]:
+def label_excluded_namespaces(
+    kube: SyncKube, config: DeployConfig, caps: Capabilities
+) -> list[Change]:
     """On servers older than 1.21 nothing sets ``kubernetes.io/metadata.name``, so the
     webhook configurations' exclusion by that label would not match kube-system: set it."""
     if caps.labels_namespace_names:
@@ -207,7 +214,7 @@ def managed_selector(release: str) -> str:
     return f"{MANAGED_BY}=mirrorgate,{INSTANCE}={release}"
 
 
-def installed(kube: Kube, caps: Capabilities, release: str) -> Iterator[dict[str, Any]]:
+def installed(kube: SyncKube, caps: Capabilities, release: str) -> Iterator[dict[str, Any]]:
     """Every object an apply of ``release`` created, in apply order."""
     for kind in KIND_ORDER:
         api = caps.api_version(kind)
@@ -221,7 +228,7 @@ def installed(kube: Kube, caps: Capabilities, release: str) -> Iterator[dict[str
             yield obj
 
 
-def _prune(kube: Kube, rendered: Rendered, caps: Capabilities, release: str) -> list[Change]:
+def _prune(kube: SyncKube, rendered: Rendered, caps: Capabilities, release: str) -> list[Change]:
     wanted = {object_key(o) for o in rendered.objects}
     out = []
     stale = [o for o in installed(kube, caps, release) if object_key(o) not in wanted]
@@ -231,14 +238,14 @@ def _prune(kube: Kube, rendered: Rendered, caps: Capabilities, release: str) -> 
             continue
         if obj["kind"] == "Namespace":
             continue  # a namespace no longer used is removed by uninstall only
-        if kube.delete(object_path(obj)):
+        if kube.delete(object_path(obj), background=True):
             out.append(Change("deleted", describe(obj), "no longer rendered"))
     return out
 
 
 def apply(
-    kube: Kube,
-    config: Config,
+    kube: SyncKube,
+    config: DeployConfig,
     *,
     webhook_url: str | None = None,
     wait: bool = False,
@@ -274,7 +281,7 @@ def apply(
             }
         try:
             record(apply_object(kube, obj))
-        except KubeAPIError as err:
+        except KubeError as err:
             raise DeployError(f"applying {describe(obj)} failed: {err}") from err
     for change in _prune(kube, rendered, caps, d.name):
         record(change)
@@ -295,7 +302,7 @@ def apply(
     return report
 
 
-def wait_ready(kube: Kube, rendered: Rendered, *, timeout: float) -> None:
+def wait_ready(kube: SyncKube, rendered: Rendered, *, timeout: float) -> None:
     """Until every Deployment has its replicas available; DeployError naming the laggards."""
     deadline = time.monotonic() + timeout
     deployments = [o for o in rendered.objects if o["kind"] == "Deployment"]
@@ -319,8 +326,8 @@ def wait_ready(kube: Kube, rendered: Rendered, *, timeout: float) -> None:
 
 # --- uninstall -----------------------------------------------------------------------------------
 def uninstall(
-    kube: Kube,
-    config: Config,
+    kube: SyncKube,
+    config: DeployConfig,
     *,
     keep_data: bool = False,
     progress: Callable[[Change], None] | None = None,
@@ -351,7 +358,7 @@ def uninstall(
         if obj["kind"] == "Namespace" and obj["metadata"]["name"] in data_namespaces:
             record(Change("kept", describe(obj), "holds what --keep-data keeps"))
             continue
-        if kube.delete(object_path(obj)):
+        if kube.delete(object_path(obj), background=True):
             record(Change("deleted", describe(obj)))
     ps = config.pull_secret
     if ps is not None and ps.source:
@@ -362,7 +369,7 @@ def uninstall(
             if (meta.get("annotations") or {}).get(PULL_SECRET_SOURCE_ANNOTATION) != ps.source:
                 continue
             path = secret_path(meta["namespace"], meta["name"])
-            if kube.delete(path):
+            if kube.delete(path, background=True):
                 record(Change("deleted", f"Secret {meta['namespace']}/{meta['name']}", "copy"))
     return report
 
@@ -393,7 +400,7 @@ class Status:
         }
 
 
-def status(kube: Kube, config: Config, *, probe_namespace: str | None = None) -> Status:
+def status(kube: SyncKube, config: DeployConfig, *, probe_namespace: str | None = None) -> Status:
     caps, git = capabilities(kube)
     d = deploy_settings(config)
     counts: dict[str, int] = {}
@@ -415,14 +422,14 @@ def status(kube: Kube, config: Config, *, probe_namespace: str | None = None) ->
         if obj["kind"].endswith("WebhookConfiguration"):
             for hook in obj.get("webhooks") or []:
                 client = hook.get("clientConfig") or {}
-                svc = client.get("service")
+                svc = client.get("service") or {}
                 bundle = base64.b64decode(client.get("caBundle") or "")
+                service = f"service {svc.get('namespace')}/{svc.get('name')}:{svc.get('port', 443)}"
                 webhooks.append(
                     {
                         "configuration": describe(obj),
                         "webhook": hook["name"],
-                        "target": client.get("url")
-                        or f"service {svc['namespace']}/{svc['name']}:{svc.get('port', 443)}",
+                        "target": client.get("url") or service,
                         "failurePolicy": hook.get("failurePolicy"),
                         "caBundleCertificates": bundle.count(b"BEGIN CERTIFICATE"),
                     }
@@ -433,7 +440,7 @@ def status(kube: Kube, config: Config, *, probe_namespace: str | None = None) ->
     return Status(git, counts, workloads, webhooks, certificates, reach)
 
 
-def probe(kube: Kube, config: Config, *, namespace: str | None = None) -> dict[str, Any]:
+def probe(kube: SyncKube, config: DeployConfig, *, namespace: str | None = None) -> dict[str, Any]:
     """Ask the API server to admit a dry-run pod annotated ``mirrorgate.io/skip``: the mutating
     webhook answers it with a warning, so the warning proves the API server reached it."""
     ns = namespace or _probe_namespace(kube, config)
@@ -452,10 +459,10 @@ def probe(kube: Kube, config: Config, *, namespace: str | None = None) -> dict[s
         "spec": {"containers": [{"name": "probe", "image": "mirrorgate.invalid/probe:1"}]},
     }
     try:
-        _, headers = kube.request(
+        _, headers = kube.exchange(
             "POST", f"/api/v1/namespaces/{ns}/pods", query={"dryRun": "All"}, body=pod
         )
-    except KubeAPIError as err:
+    except KubeError as err:
         if VALIDATE_NAME in err.message and "denied the request" in err.message:
             return {"probed": True, "namespace": ns, "mutating": None, "validating": True}
         return {"probed": True, "namespace": ns, "reachable": False, "detail": err.message}
@@ -470,7 +477,7 @@ def probe(kube: Kube, config: Config, *, namespace: str | None = None) -> dict[s
     return out
 
 
-def _probe_namespace(kube: Kube, config: Config) -> str | None:
+def _probe_namespace(kube: SyncKube, config: DeployConfig) -> str | None:
     excluded = set(config.namespaces.exclude)
     if config.namespaces.mode == "clusterWide":
         candidates = [n["metadata"]["name"] for n in kube.list("/api/v1/namespaces")]
@@ -482,7 +489,7 @@ def _probe_namespace(kube: Kube, config: Config) -> str | None:
 
 
 # --- certificates -------------------------------------------------------------------------------
-def request_rotation(kube: Kube, config: Config) -> None:
+def request_rotation(kube: SyncKube, config: DeployConfig) -> None:
     """Annotate the TLS Secret: the running webhook (or the next apply) rotates the CA."""
     d = deploy_settings(config)
     path = secret_path(d.namespace, tls_secret_name(d.name))

@@ -28,10 +28,10 @@ from mirrorgate.deploy.apply import (
     uninstall,
     write_cert_files,
 )
-from mirrorgate.deploy.kubeapi import Kube
+from mirrorgate.deploy.config import DeployConfig
 from mirrorgate.deploy.material import Existing, decide, read_password_file, serving_names
 from mirrorgate.deploy.render import DEFAULT_CAPABILITIES, Capabilities, Rendered, render
-from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.adapters.kube import SyncKube
 
 EXIT_OK, EXIT_FOUND = 0, 1
 
@@ -54,8 +54,8 @@ def parse_kube_version(text: str | None) -> Capabilities:
     return Capabilities.for_version(int(major), int(minor.split(".")[0]), monitoring=True)
 
 
-def open_kube(kubeconfig: str | None, context: str | None) -> Kube:
-    return Kube.from_kubeconfig(kubeconfig, context=context)
+def open_kube(kubeconfig: str | None, context: str | None) -> SyncKube:
+    return SyncKube.from_kubeconfig(kubeconfig, context=context)
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -79,7 +79,7 @@ def render_documents(rendered: Rendered, *, include_secrets: bool, header: str) 
     return "\n".join(lines) + "\n---\n" + body
 
 
-def cmd_render(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
+def cmd_render(config: DeployConfig, args: Any, *, out: IO[str] = sys.stdout) -> int:
     url = check_webhook_url(args.webhook_url)
     if args.kubeconfig:
         with open_kube(args.kubeconfig, args.context) as kube:
@@ -106,7 +106,7 @@ def cmd_render(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
     return EXIT_OK
 
 
-def cmd_apply(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
+def cmd_apply(config: DeployConfig, args: Any, *, out: IO[str] = sys.stdout) -> int:
     url = check_webhook_url(args.webhook_url)
     if args.cert_out and url is None:
         raise DeployUsageError("--cert-out needs --webhook-url (an out-of-cluster serve uses them)")
@@ -139,21 +139,20 @@ def cmd_apply(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
     return EXIT_OK
 
 
-def cmd_uninstall(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
+def cmd_uninstall(config: DeployConfig, args: Any, *, out: IO[str] = sys.stdout) -> int:
+    def progress(change: Change) -> None:
+        out.write(change.line() + "\n")
+        out.flush()
+
     with open_kube(args.kubeconfig, args.context) as kube:
-        report = uninstall(
-            kube,
-            config,
-            keep_data=args.keep_data,
-            progress=lambda c: (out.write(c.line() + "\n"), out.flush()),
-        )
+        report = uninstall(kube, config, keep_data=args.keep_data, progress=progress)
     deleted = sum(1 for c in report.changes if c.action == "deleted")
     kept = sum(1 for c in report.changes if c.action == "kept")
     out.write(f"uninstalled from {report.server}: {deleted} deleted, {kept} kept\n")
     return EXIT_OK
 
 
-def cmd_status(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
+def cmd_status(config: DeployConfig, args: Any, *, out: IO[str] = sys.stdout) -> int:
     with open_kube(args.kubeconfig, args.context) as kube:
         st = status(kube, config, probe_namespace=args.probe_namespace)
     if args.json:
@@ -204,7 +203,7 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmd_rotate_ca(config: Config, args: Any, *, out: IO[str] = sys.stdout) -> int:
+def cmd_rotate_ca(config: DeployConfig, args: Any, *, out: IO[str] = sys.stdout) -> int:
     with open_kube(args.kubeconfig, args.context) as kube:
         request_rotation(kube, config)
     out.write(

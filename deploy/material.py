@@ -20,8 +20,9 @@ from typing import Any, Literal
 import bcrypt
 
 from mirrorgate.certs.pki import service_names
-from mirrorgate.certs.rotation import CA_BUNDLE, RenewalPolicy, TLSMaterial, plan, tls_secret_name
-from mirrorgate.webhook.core.config import Config, ConfigError, DeploySettings
+from mirrorgate.certs.rotation import CA_BUNDLE, RenewalPolicy, TLSMaterial, plan
+from mirrorgate.deploy.config import DeployConfig, DeploySettings
+from mirrorgate.webhook.core.config import ConfigError
 
 CREDENTIALS_SECRET = "registry-credentials"  # username + password: kept by --keep-data
 HTPASSWD_SECRET = "registry-auth"
@@ -38,7 +39,7 @@ def registry_auth_secret_name(release: str) -> str:
     return f"{release}-registry-auth"
 
 
-def deploy_settings(config: Config) -> DeploySettings:
+def deploy_settings(config: DeployConfig) -> DeploySettings:
     return config.deploy or DeploySettings()
 
 
@@ -81,7 +82,7 @@ def secret_value(secret: Mapping[str, Any] | None, key: str) -> str | None:
         return None
 
 
-def read_password_file(config: Config) -> str | None:
+def read_password_file(config: DeployConfig) -> str | None:
     """The password from ``registry.auth.passwordFile`` if that file exists (relative to the
     config file), else None. An empty or unreadable file is an error, not a fallback."""
     assert config.registry is not None
@@ -105,7 +106,7 @@ def read_password_file(config: Config) -> str | None:
     return text
 
 
-def serving_names(config: Config, *, webhook_url_host: str | None = None) -> list[str]:
+def serving_names(config: DeployConfig, *, webhook_url_host: str | None = None) -> list[str]:
     d = deploy_settings(config)
     names = service_names(d.name, d.namespace)
     if webhook_url_host and webhook_url_host not in names:
@@ -113,7 +114,7 @@ def serving_names(config: Config, *, webhook_url_host: str | None = None) -> lis
     return names
 
 
-def renewal_policy(config: Config) -> RenewalPolicy:
+def renewal_policy(config: DeployConfig) -> RenewalPolicy:
     c = config.certs
     return RenewalPolicy.from_seconds(
         ca=c.ca_duration, serving=c.serving_duration, overlap=c.rotation_overlap
@@ -121,7 +122,7 @@ def renewal_policy(config: Config) -> RenewalPolicy:
 
 
 def decide(
-    config: Config,
+    config: DeployConfig,
     existing: Existing,
     *,
     names: Sequence[str],
@@ -129,7 +130,8 @@ def decide(
     password: str | None = None,
 ) -> Material:
     """Keep what is right, generate what is missing. ``password``: from passwordFile, if any."""
-    username, pw, htpasswd, source = "", "", "", "generated"
+    username, pw, htpasswd = "", "", ""
+    source: PasswordSource = "generated"
     http_secret = ""
     events_token = None
     if config.registry is not None:
@@ -167,7 +169,7 @@ def decide(
         http_secret=http_secret,
         events_token=events_token,
         tls=tls,
-        password_source=source,  # type: ignore[arg-type]
+        password_source=source,
         tls_changes=changes,
         ca_bundle=ca_bundle,
     )
@@ -186,7 +188,3 @@ def _htpasswd(username: str, password: str, *, cost: int, kept: str | None) -> s
                 pass
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
     return f"{username}:{hashed}"
-
-
-def tls_secret(config: Config) -> str:
-    return tls_secret_name(deploy_settings(config).name)

@@ -36,6 +36,15 @@ from urllib.parse import urlsplit
 import yaml
 
 from mirrorgate.certs.rotation import CA_BUNDLE, ca_config_map_name, tls_secret_name
+from mirrorgate.deploy.config import (
+    DeployConfig,
+    DeploySettings,
+    FilesystemStorage,
+    RegistryProxy,
+    RegistrySettings,
+    S3Storage,
+    config_from_dict,
+)
 from mirrorgate.deploy.material import (
     CREDENTIALS_SECRET,
     HTPASSWD_SECRET,
@@ -50,15 +59,9 @@ from mirrorgate.deploy.webhooks import (
     mutating_webhook_configuration,
     validating_webhook_configuration,
 )
-from mirrorgate.webhook.core.config import (
-    Config,
-    DeploySettings,
-    FilesystemStorage,
-    RegistryProxy,
-    RegistrySettings,
-    S3Storage,
-    config_from_dict,
-)
+from mirrorgate.webhook.core.pullsecrets import Target
+from mirrorgate.webhook.core.rbac import base_rbac_rules
+from mirrorgate.webhook.core.rbac import rbac_rules as serve_rules
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 INSTANCE = "app.kubernetes.io/instance"
@@ -259,7 +262,7 @@ def registry_endpoints(registry: RegistrySettings) -> dict[str, str]:
     return out
 
 
-def in_cluster_config(config: Config) -> dict[str, Any]:
+def in_cluster_config(config: DeployConfig) -> dict[str, Any]:
     """The config file as the webhook pod reads it: the user's document, plus how to reach the
     deployed registry from inside the cluster and where the deployer mounts its secrets."""
     if config.raw is None:
@@ -391,7 +394,7 @@ class _Registry:
 
     def __init__(
         self,
-        config: Config,
+        config: DeployConfig,
         material: Material,
         caps: Capabilities,
         *,
@@ -532,8 +535,10 @@ class _Registry:
             env.append(_env_secret("REGISTRY_PROXY_PASSWORD", proxy.credentials_secret, "password"))
         return env
 
-    def volumes(self, name: str, proxy: RegistryProxy | None) -> tuple[list[dict], list[dict]]:
-        mounts = [
+    def volumes(
+        self, name: str, proxy: RegistryProxy | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        mounts: list[dict[str, Any]] = [
             {"name": "config", "mountPath": REGISTRY_CONFIG_DIR, "readOnly": True},
             {"name": "htpasswd", "mountPath": REGISTRY_HTPASSWD_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -743,18 +748,15 @@ def _rule(
     return rule
 
 
-def rbac_rules(config: Config) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def rbac_rules(
+    config: DeployConfig,
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """(ClusterRole rules, namespace -> Role rules): what the running webhook calls, nothing more.
 
     ``serve`` itself (namespace labels, kubelet Events, its lease, pull-secret copies):
-    ``webhook.pullsecrets.rbac_rules`` / ``base_rbac_rules``. Certificate renewal (builtin
-    certs): its own TLS Secret, the two webhook configurations' caBundle and the registry's CA
-    ConfigMap, each by name.
+    ``webhook.core.rbac``. Certificate renewal (builtin certs): its own TLS Secret, the two
+    webhook configurations' caBundle and the registry's CA ConfigMap, each by name.
     """
-    from mirrorgate.webhook.controllers.pullsecrets import Target
-    from mirrorgate.webhook.core.rbac import base_rbac_rules
-    from mirrorgate.webhook.core.rbac import rbac_rules as serve_rules
-
     d = deploy_settings(config)
     target = Target.from_config(config, own_namespace=d.namespace)
     rules = serve_rules(target) if target is not None else base_rbac_rules(d.namespace)
@@ -779,7 +781,7 @@ def rbac_rules(config: Config) -> tuple[list[dict[str, Any]], dict[str, list[dic
 class _Webhook:
     def __init__(
         self,
-        config: Config,
+        config: DeployConfig,
         material: Material,
         caps: Capabilities,
         *,
@@ -1082,7 +1084,7 @@ class _Webhook:
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ]
         if self.config.certs.mode == "builtin":
-            # Where the running webhook renews its certificate (see certs.rotation.CertRenewer).
+            # Where the running webhook renews its certificate (webhook.controllers.certs).
             env.append({"name": "MIRRORGATE_TLS_SECRET", "value": tls_secret_name(self.release)})
         probe = {"httpGet": {"path": "/readyz", "port": "https", "scheme": "HTTPS"}}
         container = {
@@ -1282,7 +1284,7 @@ def namespace(name: str, release: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, None, lbl)}
 
 
-def events_url(config: Config, *, webhook_url: str | None) -> str:
+def events_url(config: DeployConfig, *, webhook_url: str | None) -> str:
     d = deploy_settings(config)
     if webhook_url:
         return webhook_url.rstrip("/") + "/events/registry"
@@ -1290,7 +1292,7 @@ def events_url(config: Config, *, webhook_url: str | None) -> str:
 
 
 def render(
-    config: Config,
+    config: DeployConfig,
     material: Material,
     *,
     capabilities: Capabilities = DEFAULT_CAPABILITIES,

@@ -34,9 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import kubernetes.client
-
 from mirrorgate.certs.pki import generate_ca, issue_serving
+from mirrorgate.deploy.config import load_config
 from mirrorgate.deploy.webhooks import mutating_webhook_configuration
 from mirrorgate.devtools.localcluster import (
     ControlPlane,
@@ -44,12 +43,14 @@ from mirrorgate.devtools.localcluster import (
     LocalRegistry,
     free_port,
 )
+from mirrorgate.webhook.adapters.kube import SyncKube, collection_path, secret_path
 from mirrorgate.webhook.adapters.registry import RegistryClient
-from mirrorgate.webhook.core.config import RegistryAccess, load_config
-from mirrorgate.webhook.core.mutation import decide_image
+from mirrorgate.webhook.core.config import RegistryAccess
+from mirrorgate.webhook.core.mutation import ORIGINALS_ANNOTATION, decide_image
 from mirrorgate.webhook.infra.logs import FLUSH_DELAY
 
 OPT_IN_LABEL = "mirrorgate.io/enabled"
+NAMESPACES = collection_path("v1", "Namespace")
 DEMO_OWN_NAMESPACE = "mirrorgate"
 SERVE_READY_TIMEOUT = 20.0
 
@@ -164,10 +165,11 @@ class LocalWebhook:
         """The JSON log lines logged so far (non-JSON lines are skipped).
 
         serve writes info lines in batches at most ``FLUSH_DELAY`` after they were logged
-        (webhook.logs); this waits that long first, so a line about what just happened is there.
+        (webhook.infra.logs); this waits that long first, so a line about what just happened is
+        there.
         """
         time.sleep(FLUSH_DELAY + 0.03)
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.log_file.exists():
             return out
         for line in self.log_file.read_text(errors="replace").splitlines():
@@ -315,7 +317,7 @@ async def push_demo_images(host: str, access: RegistryAccess) -> None:
             )
 
 
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the whole flow locally: API server, registry, webhook, pods (no cluster needed)",
@@ -382,15 +384,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _step(out, "pushing " + ", ".join(DEMO_MIRRORED) + " to the mirror")
             asyncio.run(push_demo_images(registry.host, config.registries[registry.host]))
             _step(out, f"starting mirrorgate serve with {config_file}")
-            with plane.api_client() as api:
-                # serve holds its lease in its own namespace, which must exist.
-                kubernetes.client.CoreV1Api(api).create_namespace(
-                    {"metadata": {"name": DEMO_OWN_NAMESPACE}}
-                )
+            kube = stack.enter_context(SyncKube(plane.api_client()))
+            # serve holds its lease in its own namespace, which must exist.
+            kube.create(NAMESPACES, {"metadata": {"name": DEMO_OWN_NAMESPACE}})
             env = {"KUBECONFIG": str(plane.kubeconfig), "POD_NAMESPACE": DEMO_OWN_NAMESPACE}
             webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file, env=env))
-            with plane.api_client() as api:
-                _run_demo(out, api, webhook, registry, password)
+            _run_demo(out, kube, webhook, registry, password)
             if args.keep:
                 out.write(
                     f"\nEverything is still running. Try:\n"
@@ -424,30 +423,25 @@ def _step(out: Any, text: str) -> None:
 
 
 def _run_demo(
-    out: Any, api: Any, webhook: LocalWebhook, registry: LocalRegistry, password: str
+    out: Any, kube: SyncKube, webhook: LocalWebhook, registry: LocalRegistry, password: str
 ) -> None:
-    import kubernetes.client as k
-
-    core = k.CoreV1Api(api)
-    admission = k.AdmissionregistrationV1Api(api)
     _step(
         out,
         f"registering the MutatingWebhookConfiguration (namespaces labelled {OPT_IN_LABEL}=true)",
     )
-    admission.create_mutating_webhook_configuration(
-        mutating_webhook_configuration(
-            "mirrorgate",
-            url=webhook.url,
-            ca_pem=webhook.ca_pem,
-            namespace_selector={"matchLabels": {OPT_IN_LABEL: "true"}},
-        )
+    hooks = mutating_webhook_configuration(
+        "mirrorgate",
+        url=webhook.url,
+        ca_pem=webhook.ca_pem,
+        namespace_selector={"matchLabels": {OPT_IN_LABEL: "true"}},
     )
-    core.create_namespace({"metadata": {"name": "shop", "labels": {OPT_IN_LABEL: "true"}}})
-    core.create_namespace({"metadata": {"name": "legacy"}})
+    kube.create(collection_path(hooks["apiVersion"], hooks["kind"]), hooks)
+    kube.create(NAMESPACES, {"metadata": {"name": "shop", "labels": {OPT_IN_LABEL: "true"}}})
+    kube.create(NAMESPACES, {"metadata": {"name": "legacy"}})
     auth = base64.b64encode(f"mirrorgate:{password}".encode()).decode()
     dockerconfig = {"auths": {registry.host: {"auth": auth}}}
-    core.create_namespaced_secret(
-        "shop",
+    kube.create(
+        secret_path("shop"),
         {
             "metadata": {"name": "mirrorgate-pull"},
             "type": "kubernetes.io/dockerconfigjson",
@@ -463,17 +457,17 @@ def _run_demo(
     for manifest in DEMO_PODS:
         before = {c["name"]: c["image"] for c in _all_containers(manifest["spec"])}
         ns = manifest["metadata"]["namespace"]
+        pods = collection_path("v1", "Pod", ns)
         for _attempt in range(50):
             # The API server picks up a new webhook configuration within about a second.
-            probe, _, _ = core.create_namespaced_pod_with_http_info(ns, manifest, dry_run="All")
+            probe, _ = kube.exchange("POST", pods, query={"dryRun": "All"}, body=manifest)
             if ns != "shop" or _was_mutated(probe):
                 break
             time.sleep(0.2)
-        stored, _, headers = core.create_namespaced_pod_with_http_info(ns, manifest)
+        stored, headers = kube.exchange("POST", pods, body=manifest)
         warnings.extend(_warnings(headers))
-        stored_dict = api.sanitize_for_serialization(stored)
-        pull = ",".join(s["name"] for s in stored_dict["spec"].get("imagePullSecrets") or []) or "-"
-        for c in _all_containers(stored_dict["spec"]):
+        pull = ",".join(s["name"] for s in stored["spec"].get("imagePullSecrets") or []) or "-"
+        for c in _all_containers(stored["spec"]):
             submitted = before[c["name"]]
             if ns != "shop":
                 why = "namespace not opted in: never sent to the webhook"
@@ -532,9 +526,9 @@ def _short(image: str) -> str:
     return image
 
 
-def _was_mutated(pod: Any) -> bool:
-    annotations = (pod.metadata.annotations or {}) if pod and pod.metadata else {}
-    return "mirrorgate.io/original-images" in annotations
+def _was_mutated(pod: Mapping[str, Any]) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return ORIGINALS_ANNOTATION in annotations
 
 
 def _all_containers(spec: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
@@ -551,7 +545,7 @@ def _warnings(headers: Mapping[str, str]) -> list[str]:
 
 
 def parse_warning_header(raw: str) -> list[str]:
-    out = []
+    out: list[str] = []
     i = 0
     while True:
         start = raw.find('"', i)

@@ -24,18 +24,25 @@ from mirrorgate.certs.pki import (
     subject_names,
 )
 from mirrorgate.certs.rotation import (
-    CertRenewer,
     RenewalPolicy,
     RenewalTargets,
     TLSMaterial,
-    config_map_path,
     describe,
     plan,
     request_ca_rotation,
-    secret_path,
-    webhook_configuration_path,
     with_material,
 )
+from mirrorgate.webhook.adapters.kube import resource_path, secret_path
+from mirrorgate.webhook.controllers.certs import WEBHOOK_KINDS, CertRenewer
+
+
+def webhook_configuration_path(kind: str, name: str) -> str:
+    return resource_path("admissionregistration.k8s.io/v1", WEBHOOK_KINDS[kind], name)
+
+
+def config_map_path(namespace: str, name: str) -> str:
+    return resource_path("v1", "ConfigMap", name, namespace=namespace)
+
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 NAMES = service_names("mirrorgate", "mirrorgate")
@@ -376,14 +383,15 @@ def test_certs_issue_writes_a_ca_and_a_serving_pair_for_the_service(tmp_path):
     ],
 )
 def test_serve_runs_the_renewer_only_where_deploy_put_it(monkeypatch, env, extra, expected):
-    from mirrorgate.webhook.core.config import parse_config
-    from mirrorgate.webhook.server.app import Settings, _cert_renewer
+    from mirrorgate.deploy.config import parse_config
+    from mirrorgate.webhook.cli import serve_cert_renewal
 
     monkeypatch.delenv("MIRRORGATE_TLS_SECRET", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     config = parse_config("deploy: {name: mg, namespace: mg-system}\n" + extra)
-    renewer = _cert_renewer(object(), Settings(config=config, own_namespace="mg-system"))
+    renewal = serve_cert_renewal(config, own_namespace="mg-system")
+    renewer = CertRenewer.for_release(object(), renewal) if renewal else None
     if expected is None:
         assert renewer is None
     else:

@@ -287,3 +287,21 @@ def test_python_dash_m_runs_the_same_cli(config):
         cwd=Path(__file__).parent.parent,
     )
     assert r.stdout.strip() == "127.0.0.1:31000/library/nginx"
+
+
+def test_demo_is_a_plugin_and_without_devtools_says_how_to_get_it(monkeypatch, capsys):
+    """The runtime package carries no demo: mirrorgate-devtools registers it. Where that is not
+    installed (the container image), `mirrorgate demo` says what to do instead of a traceback."""
+    import importlib.metadata
+
+    from mirrorgate.webhook import cli
+
+    installed = [e.name for e in importlib.metadata.entry_points(group=cli.PLUGIN_GROUP)]
+    assert installed == ["demo"]  # the checkout's scripts/setup installs devtools/
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "mirrorgate demo: the demo is development tooling" in err
+    assert "scripts/setup" in err
+    assert "(not installed)" in cli.build_parser().format_help()

@@ -30,6 +30,7 @@ from mirrorgate.certs.pki import load_certificates, service_names, subject_names
 from mirrorgate.certs.rotation import TLSMaterial
 from mirrorgate.deploy.apply import changed_paths
 from mirrorgate.deploy.commands import cmd_render
+from mirrorgate.deploy.config import parse_config
 from mirrorgate.deploy.material import Existing, decide, serving_names
 from mirrorgate.deploy.render import (
     DATA_LABEL,
@@ -44,7 +45,7 @@ from mirrorgate.deploy.webhooks import (
     mutating_webhook_configuration,
     validating_webhook_configuration,
 )
-from mirrorgate.webhook.core.config import ConfigError, Mirror, parse_config
+from mirrorgate.webhook.core.config import ConfigError, Mirror
 from tests.helpers.commands import mirrorgate_exe
 
 with warnings.catch_warnings():
@@ -710,8 +711,8 @@ def test_a_password_file_is_used_and_a_new_username_gets_a_new_password(tmp_path
     (tmp_path / "registry-password").write_text("s3cret-from-file\n")
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(ISSUE_CONFIG)
+    from mirrorgate.deploy.config import load_config
     from mirrorgate.deploy.material import read_password_file
-    from mirrorgate.webhook.core.config import load_config
 
     c = load_config(path)
     m = decide(c, Existing(), names=["x"], password=read_password_file(c))
@@ -730,7 +731,7 @@ def test_render_lists_secrets_by_name_and_prints_their_values_only_when_asked(tm
     path = tmp_path / "mirrorgate.yaml"
     path.write_text(ISSUE_CONFIG + SCAN)
     (tmp_path / "registry-password").write_text("pa55-word-from-file\n")
-    from mirrorgate.webhook.core.config import load_config
+    from mirrorgate.deploy.config import load_config
 
     c = load_config(path)
     args = SimpleNamespace(

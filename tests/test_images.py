@@ -1,4 +1,4 @@
-"""Image reference parsing, normalisation and mirror rewriting (webhook.images).
+"""Image reference parsing, normalisation and mirror rewriting (webhook.core.images).
 
 The expectations follow github.com/distribution/reference (ParseNormalizedNamed) and
 go-digest, which is what the kubelet and container runtimes apply to an ``image:`` field.

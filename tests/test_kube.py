@@ -16,7 +16,13 @@ import pytest
 
 from mirrorgate.devtools.localcluster import free_port
 from mirrorgate.webhook.adapters import kube as kube_module
-from mirrorgate.webhook.adapters.kube import Kube, KubeConfigError, KubeError, load_api_client
+from mirrorgate.webhook.adapters.kube import (
+    Kube,
+    KubeConfigError,
+    KubeError,
+    SyncKube,
+    load_api_client,
+)
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.pki import make_ca
 
@@ -124,7 +130,7 @@ def page(*items: dict[str, Any], version: str, more: str = "") -> dict[str, Any]
     return {"items": list(items), "metadata": meta}
 
 
-class ScriptedKube(Kube):
+class ScriptedKube(SyncKube):
     """Answers list and watch calls from a script, in order; then fails until closed."""
 
     def __init__(self, script: list[Any]) -> None:
@@ -137,12 +143,12 @@ class ScriptedKube(Kube):
             raise step
         return step
 
-    def _call(self, method: str, path: str, *, query: Any = None, **_: Any) -> Any:
+    def request(self, method: str, path: str, *, query: Any = None, **_: Any) -> Any:
         self.requests.append(("list", dict(query or {})))
         return self._next()
 
-    def _send(self, method: str, path: str, *, query: Any, **_: Any) -> Any:
-        self.requests.append(("watch", dict(query)))
+    def open(self, method: str, path: str, *, query: Any = None, **_: Any) -> Any:
+        self.requests.append(("watch", dict(query or {})))
         return self._next()
 
 
@@ -151,7 +157,7 @@ async def test_a_watch_pages_its_list_resumes_after_the_stream_ends_and_relists_
 ):
     monkeypatch.setattr(kube_module, "WATCH_BACKOFF_INITIAL", 0.01)
     a, b, c = obj("a", "9"), obj("b", "10"), obj("c", "12")
-    kube = ScriptedKube(
+    scripted = ScriptedKube(
         [
             page(a, version="10", more="next-page"),
             page(b, version="11"),
@@ -167,6 +173,7 @@ async def test_a_watch_pages_its_list_resumes_after_the_stream_ends_and_relists_
             Stream({"type": "DELETED", "object": obj("c", "31")}),
         ]
     )
+    kube = Kube(scripted)
     restarts: list[str] = []
     watch = kube.watch("/api/v1/secrets", query={"fieldSelector": "x"}, on_restart=restarts.append)
     watch.start()
@@ -183,16 +190,16 @@ async def test_a_watch_pages_its_list_resumes_after_the_stream_ends_and_relists_
         ("RELIST", ["c"]),
         ("DELETED", "c"),
     ]
-    lists = [q for kind, q in kube.requests if kind == "list"]
+    lists = [q for kind, q in scripted.requests if kind == "list"]
     assert lists[:2] == [
         {"fieldSelector": "x", "limit": "500"},
         {"fieldSelector": "x", "limit": "500", "continue": "next-page"},
     ]
-    watched_from = [q["resourceVersion"] for kind, q in kube.requests if kind == "watch"]
+    watched_from = [q["resourceVersion"] for kind, q in scripted.requests if kind == "watch"]
     assert watched_from[:5] == ["11", "15", "20", "30", "30"]
     assert all(
         q["fieldSelector"] == "x" and q["watch"] == "true" and q["allowWatchBookmarks"] == "true"
-        for kind, q in kube.requests
+        for kind, q in scripted.requests
         if kind == "watch"
     )
     assert restarts[:3] == ["gone", "gone", "error"]

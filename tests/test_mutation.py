@@ -12,52 +12,10 @@ import pytest
 from mirrorgate.webhook.core.config import parse_config
 from mirrorgate.webhook.core.mutation import ORIGINALS_ANNOTATION, decide_image, mutate_pod
 from mirrorgate.webhook.core.reviews import BadReviewError, parse_review, review_mutation
+from tests.helpers.admission import REWRITE_CONFIG, pod, review
 
-CONFIG = parse_config(
-    """
-# verify: false - these tables are about rewriting; tests/e2e/test_mirror_awareness.py covers it.
-mirrors:
-  - {upstream: docker.io, mirror: "127.0.0.1:31000", verify: false}
-  - {upstream: ghcr.io, mirror: registry.example.org/ghcr, verify: false}
-skip: ["registry.example.org/*", "docker.io/library/busybox:*"]
-pullSecret: {name: mirrorgate-pull}
-namespaces: {exclude: [kube-system, legacy]}
-"""
-)
+CONFIG = REWRITE_CONFIG
 DIGEST = "sha256:" + "a" * 64
-
-
-def pod(*, containers=None, init=None, ephemeral=None, secrets=None, annotations=None, name="web"):
-    spec = {"containers": containers or [{"name": "app", "image": "nginx:1.25"}]}
-    if init is not None:
-        spec["initContainers"] = init
-    if ephemeral is not None:
-        spec["ephemeralContainers"] = ephemeral
-    if secrets is not None:
-        spec["imagePullSecrets"] = secrets
-    meta = {"name": name, "namespace": "team-a"}
-    if annotations is not None:
-        meta["annotations"] = annotations
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
-
-
-def review(obj, *, operation="CREATE", old=None, namespace="team-a", kind="Pod", sub="", uid="u-1"):
-    body = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": kind},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": operation,
-            "namespace": namespace,
-            "object": obj,
-            "oldObject": old,
-        },
-    }
-    if sub:
-        body["request"]["subResource"] = sub
-    return json.dumps(body).encode()
 
 
 def run(body, *, own="mirrorgate"):

@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 
 from mirrorgate.webhook.infra.metrics import Metrics
-from mirrorgate.webhook.server import app as app_module
+from mirrorgate.webhook.server import admission as admission_module
 from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
 from mirrorgate.webhook.server.tls import ReloadingTLS, TLSConfigError
+from tests.helpers.admission import REWRITE_CONFIG as CONFIG
+from tests.helpers.admission import pod, review
 from tests.helpers.pki import make_ca
-from tests.test_mutation import CONFIG, pod, review
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ async def test_an_internal_error_is_500_and_a_log_line_with_the_uid(
     def boom(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(app_module, "review_mutation", boom)
+    monkeypatch.setattr(admission_module, "review_mutation", boom)
     status, text = await post(server, client_ssl, review(pod(), uid="uid-500"))
     assert status == 500 and b"uid-500" in text
     assert any(getattr(r, "fields", {}).get("uid") == "uid-500" for r in caplog.records)

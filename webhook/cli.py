@@ -18,13 +18,17 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mirrorgate.deploy.config import DeployConfig, load_config
 from mirrorgate.webhook import __version__
-from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError, load_config
+from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError
 from mirrorgate.webhook.core.mutation import decide_image
+
+if TYPE_CHECKING:
+    from mirrorgate.webhook.controllers.certs import CertRenewal
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -247,7 +251,9 @@ def _missing_plugin(why: str, args: argparse.Namespace) -> int:
     raise UsageError(why)
 
 
-def resolve_config(path: str | None) -> Config:
+def resolve_config(path: str | None) -> DeployConfig:
+    """The whole mirrorgate.yaml: every command reads the file the same way, so the mirrors a
+    ``registry:`` section provides are the ones ``serve``, ``rewrite`` and ``deploy`` all use."""
     chosen = path or os.environ.get("MIRRORGATE_CONFIG") or "mirrorgate.yaml"
     if not Path(chosen).exists():
         hint = "" if path else " (pass --config FILE or set MIRRORGATE_CONFIG)"
@@ -497,8 +503,33 @@ def _kubernetes_access(config: Config, log: Any) -> bool:
     return True
 
 
+def serve_cert_renewal(config: DeployConfig, *, own_namespace: str) -> CertRenewal | None:
+    """The serving certificate's renewal, when serve runs as ``mirrorgate deploy`` installed it.
+
+    The Deployment names the TLS Secret in ``MIRRORGATE_TLS_SECRET``; the renewed Secret reaches
+    this process through its mount, which ``serve`` re-reads (``server.tls``).
+    """
+    from mirrorgate.certs.rotation import RenewalPolicy
+    from mirrorgate.webhook.controllers.certs import CertRenewal
+
+    if not os.environ.get("MIRRORGATE_TLS_SECRET") or config.deploy is None:
+        return None
+    if config.certs.mode != "builtin":
+        return None  # cert-manager renews and injects the CA itself
+    return CertRenewal(
+        release=config.deploy.name,
+        namespace=own_namespace,
+        policy=RenewalPolicy.from_seconds(
+            ca=config.certs.ca_duration,
+            serving=config.certs.serving_duration,
+            overlap=config.certs.rotation_overlap,
+        ),
+        registry_namespace=config.registry.namespace if (config.registry and config.scan) else None,
+    )
+
+
 async def _serve(
-    config: Config,
+    config: DeployConfig,
     *,
     listen: tuple[str, int],
     metrics_listen: tuple[str, int] | None,
@@ -535,7 +566,11 @@ async def _serve(
     )
     kubernetes = _kubernetes_access(config, log)
     settings = Settings(
-        config=config, own_namespace=own_namespace, election=election, kubernetes=kubernetes
+        config=config,
+        own_namespace=own_namespace,
+        election=election,
+        kubernetes=kubernetes,
+        cert_renewal=serve_cert_renewal(config, own_namespace=own_namespace),
     )
     app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=15, access_log=None)
@@ -585,7 +620,7 @@ async def _serve(
 
 
 # --- deploy and certs ----------------------------------------------------------------------------
-def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_deploy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``mirrorgate deploy render|apply|uninstall|status`` and ``mirrorgate certs
     issue|rotate-ca``; the work is done in ``deploy.commands``."""
 
@@ -711,8 +746,8 @@ def _deploy_command(name: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         from mirrorgate.deploy import commands
         from mirrorgate.deploy.apply import DeployError, DeployUsageError
-        from mirrorgate.deploy.kubeapi import KubeAPIError, KubeConfigError
         from mirrorgate.deploy.render import RenderError
+        from mirrorgate.webhook.adapters.kube import KubeConfigError, KubeError
 
         try:
             if name == "issue":
@@ -732,7 +767,7 @@ def _deploy_command(name: str) -> Any:
             return func(config, args)
         except (KubeConfigError, RenderError, DeployUsageError) as err:
             raise UsageError(str(err)) from err
-        except (DeployError, KubeAPIError) as err:
+        except (DeployError, KubeError) as err:
             print(f"mirrorgate {args.command} {name}: {err}", file=sys.stderr)
             return EXIT_FOUND
 

@@ -14,15 +14,9 @@ import kubernetes.client
 import pytest
 
 from mirrorgate.devtools.localcluster import ControlPlane, LocalClusterError, LocalRegistry
+from tests.helpers.cluster import VIEWER, VIEWER_GROUPS, WEBHOOK_USER
 
 E2E_DIR = Path(__file__).parent
-
-# A user that exists (token auth) but is bound to nothing until a test binds it.
-VIEWER = "viewer"
-VIEWER_GROUPS = ("mirrorgate:e2e-viewers",)
-# The identity `mirrorgate serve` runs as in the pull-secret tests: bound only to the RBAC rules
-# webhook.pullsecrets documents, never admin.
-WEBHOOK_USER = "mirrorgate-webhook"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -40,14 +40,14 @@ import yaml
 from cryptography import x509
 
 from mirrorgate.certs.pki import load_certificates, signed_by
-from mirrorgate.certs.rotation import CertRenewer
-from mirrorgate.deploy.kubeapi import Kube
+from mirrorgate.certs.rotation import RenewalPolicy
+from mirrorgate.deploy.config import load_config
 from mirrorgate.devtools.demo import LocalWebhook
 from mirrorgate.devtools.localcluster import ControlPlane, free_port
-from mirrorgate.webhook.adapters.kube import Kube as AsyncKube
-from mirrorgate.webhook.core.config import load_config
-from tests.e2e.conftest import WEBHOOK_USER
+from mirrorgate.webhook.adapters.kube import Kube, SyncKube
+from mirrorgate.webhook.controllers.certs import CertRenewal, CertRenewer
 from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.cluster import WEBHOOK_USER
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.kubehttp import KubeHTTP
 from tests.helpers.registries import (
@@ -105,7 +105,7 @@ def pod(name: str, image: str) -> dict[str, Any]:
     }
 
 
-def managed(kube: Kube, release: str) -> list[str]:
+def managed(kube: SyncKube, release: str) -> list[str]:
     """Every object labelled as installed by `release` that is not already being deleted."""
     from mirrorgate.deploy.apply import capabilities, installed
 
@@ -116,7 +116,7 @@ def managed(kube: Kube, release: str) -> list[str]:
     )
 
 
-def versions(kube: Kube, release: str) -> dict[str, str]:
+def versions(kube: SyncKube, release: str) -> dict[str, str]:
     from mirrorgate.deploy.apply import capabilities, installed
 
     caps, _ = capabilities(kube)
@@ -128,13 +128,13 @@ def versions(kube: Kube, release: str) -> dict[str, str]:
     }
 
 
-def secret_value(kube: Kube, namespace: str, name: str, key: str) -> bytes:
+def secret_value(kube: SyncKube, namespace: str, name: str, key: str) -> bytes:
     obj = kube.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
     assert obj is not None, f"Secret {namespace}/{name} missing"
     return base64.b64decode(obj["data"][key])
 
 
-def finish_namespace_deletion(kube: Kube, name: str) -> None:
+def finish_namespace_deletion(kube: SyncKube, name: str) -> None:
     """What the namespace controller (not running here) does once a namespace is empty: drop
     its finalizer, so the namespace goes away."""
     live = kube.get(f"/api/v1/namespaces/{name}")
@@ -148,8 +148,8 @@ def finish_namespace_deletion(kube: Kube, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[Kube]:
-    with Kube.from_kubeconfig(str(control_plane.kubeconfig)) as k:
+def kube(control_plane: ControlPlane) -> Iterator[SyncKube]:
+    with SyncKube.from_kubeconfig(str(control_plane.kubeconfig)) as k:
         yield k
 
 
@@ -309,7 +309,7 @@ class Kubelet:
     """Projects the TLS Secret's serving pair into files the way the kubelet updates a mounted
     Secret: a new timestamped folder, then one atomic swap of the ``..data`` symlink."""
 
-    def __init__(self, kube: Kube, namespace: str, name: str, root: Path) -> None:
+    def __init__(self, kube: SyncKube, namespace: str, name: str, root: Path) -> None:
         self.kube, self.path, self.root = (
             kube,
             f"/api/v1/namespaces/{namespace}/secrets/{name}",
@@ -404,11 +404,13 @@ def test_a_ca_rotation_while_serving_fails_no_request_and_overlaps_the_ca_bundle
 
     async def rotate(observed: list[int]) -> None:
         # What the running webhook does (see docs/deploy.md: wiring it into serve).
+        certs = load_config(config).certs
+        policy = RenewalPolicy.from_seconds(
+            ca=certs.ca_duration, serving=certs.serving_duration, overlap=certs.rotation_overlap
+        )
         renewer = CertRenewer.for_release(
-            AsyncKube(control_plane.api_client()),
-            release=release,
-            namespace=ns,
-            durations=load_config(config).certs,
+            Kube(control_plane.api_client()),
+            CertRenewal(release=release, namespace=ns, policy=policy),
             interval=0.25,
         )
         async with renewer.running():
@@ -552,7 +554,7 @@ def serve_config(suffix: str, ports: dict[str, int], files: Path, clair: ClairSt
     )
 
 
-def bind_webhook_user(kube: Kube, manifests: list[dict[str, Any]], *, name: str) -> list[str]:
+def bind_webhook_user(kube: SyncKube, manifests: list[dict[str, Any]], *, name: str) -> list[str]:
     """Bind mirrorgate's test user to exactly the rendered ClusterRole and Roles."""
     subject = [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": WEBHOOK_USER}]
     paths = []

@@ -22,67 +22,10 @@ from mirrorgate.webhook.core.config import parse_config
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server.app import Settings, create_app
 from mirrorgate.webhook.server.gate import NAMESPACE_LABELS, SCANNER
-from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.admission import pod_review as review
+from tests.helpers.admission import write_gate_config as write_config
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.registries import HarnessRegistry, push_image, skopeo_inspect_raw
-
-
-def write_config(
-    tmp: Path,
-    clair: ClairStandIn,
-    registry: HarnessRegistry,
-    scan: str = "",
-    *,
-    events_token: str | None = None,
-) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "psk").write_text(clair.psk_b64 + "\n")
-    (tmp / "user").write_text(registry.credentials.username)
-    (tmp / "password").write_text(registry.credentials.password)
-    events = ""
-    if events_token:
-        (tmp / "events-token").write_text(events_token + "\n")
-        events = f"  events: {{tokenFile: {tmp / 'events-token'}}}\n"
-    path = tmp / "mirrorgate.yaml"
-    path.write_text(
-        f'registries:\n  "{registry.host}": {{caFile: {registry.ca_file},'
-        f" auth: {{usernameFile: {tmp / 'user'}, passwordFile: {tmp / 'password'}}}}}\n"
-        "scan:\n"
-        f'  clair: {{url: "{clair.url}", pskFile: {tmp / "psk"}, issuer: mirrorgate}}\n'
-        + (scan or "  admissionBudget: 5s\n")
-        + events
-    )
-    return path
-
-
-def review(
-    *images: str,
-    uid: str = "u1",
-    namespace: str = "team-a",
-    operation: str = "CREATE",
-    old: list[str] | None = None,
-) -> dict[str, Any]:
-    def pod(imgs: list[str]) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "web"},
-            "spec": {"containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(imgs)]},
-        }
-
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": operation,
-            "namespace": namespace,
-            "object": pod(list(images)),
-            "oldObject": pod(old) if old is not None else None,
-        },
-    }
 
 
 async def gate(

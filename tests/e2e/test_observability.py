@@ -18,7 +18,8 @@ import pytest
 
 from mirrorgate.devtools.demo import LocalWebhook
 from mirrorgate.devtools.localcluster import free_port
-from tests.e2e.test_gate import review, write_config
+from tests.helpers.admission import pod_review as review
+from tests.helpers.admission import write_gate_config as write_config
 from tests.helpers.kubehttp import KubeHTTP
 from tests.helpers.registries import push_image
 

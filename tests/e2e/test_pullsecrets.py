@@ -1,7 +1,7 @@
 """Pull secrets that are always there, proven on the real API server with the real `serve`.
 
 `mirrorgate serve` runs as the user `mirrorgate-webhook`, bound to exactly the rules
-`webhook.pullsecrets.rbac_rules` documents (never admin), with a short lease so that takeovers fit
+`webhook.core.rbac.rbac_rules` documents (never admin), with a short lease so that takeovers fit
 in a test. The main instance first runs while a placeholder holds its Lease: it answers admissions
 but may not reconcile, so whatever exists after an admission was created by the admission itself.
 Then the placeholder goes and the same instance leads. The leader-election test runs two more
@@ -35,7 +35,7 @@ from mirrorgate.webhook.core.config import load_config
 from mirrorgate.webhook.core.pullsecrets import MANAGED_BY_LABEL, SOURCE_VERSION_ANNOTATION
 from mirrorgate.webhook.core.rbac import rbac_rules
 from mirrorgate.webhook.server.gate import SCAN_MODE_LABEL as SCAN_MODE
-from tests.e2e.conftest import WEBHOOK_USER
+from tests.helpers.cluster import WEBHOOK_USER
 from tests.helpers.kubehttp import KubeHTTP, Reply
 from tests.helpers.registries import push_image
 

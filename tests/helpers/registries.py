@@ -45,9 +45,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from mirrorgate.certs.pki import KeyPair, generate_ca, issue_serving
@@ -528,16 +529,7 @@ def head_manifest(
 
 def decode_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(header, claims) of a JWT, without verifying it (the registry does that)."""
-    header, claims, _signature = token.split(".")
-    return json.loads(_b64url_decode(header)), json.loads(_b64url_decode(claims))
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return jwt.get_unverified_header(token), jwt.decode(token, options={"verify_signature": False})
 
 
 # token server -----------------------------------------------------------------------------
@@ -784,16 +776,10 @@ class TokenServer:
 
     def _sign(self, claims: Mapping[str, Any]) -> str:
         assert self._signer_key is not None
-        header = {
-            "typ": "JWT",
-            "alg": "RS256",
-            "x5c": [base64.b64encode(self._signer_der).decode()],
-        }
-        signing_input = f"{_b64url(_canonical_json(header))}.{_b64url(_canonical_json(claims))}"
-        signature = self._signer_key.sign(
-            signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()
-        )
-        return f"{signing_input}.{_b64url(signature)}"
+        # distribution's token auth: RS256, the signing certificate in x5c (chained to the
+        # registry's rootcertbundle).
+        x5c = [base64.b64encode(self._signer_der).decode()]
+        return jwt.encode(dict(claims), self._signer_key, algorithm="RS256", headers={"x5c": x5c})
 
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         self._count()

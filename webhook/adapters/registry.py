@@ -22,13 +22,13 @@ import os
 import re
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+from cachetools import LRUCache
 
 from mirrorgate.webhook.core.config import RegistryAccess, RegistryClientSettings
 from mirrorgate.webhook.infra.logs import get_logger
@@ -248,7 +248,9 @@ class RegistryClient:
         self.timeout = timeout
         self._limit = asyncio.Semaphore(max_concurrency)
         self.cache_settings = cache or CacheSettings()
-        self._cache: OrderedDict[tuple[str, ...], _CacheEntry] = OrderedDict()
+        self._cache: LRUCache[tuple[str, ...], _CacheEntry] = LRUCache(
+            self.cache_settings.max_entries
+        )
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._schemes: dict[str, str] = {}  # host -> "basic" | "bearer" | "none", learned
@@ -353,7 +355,6 @@ class RegistryClient:
         entry = self._cache.get(key)
         if entry is None or entry.error is not None or entry.expires <= self._clock():
             return None
-        self._cache.move_to_end(key)
         self.stats.cache_hits += 1
         return entry.value
 
@@ -365,7 +366,6 @@ class RegistryClient:
         now = self._clock()
         entry = self._cache.get(key)
         if entry is not None and entry.expires > now:
-            self._cache.move_to_end(key)
             self.stats.cache_hits += 1
             if entry.error is not None:
                 raise entry.error
@@ -395,17 +395,8 @@ class RegistryClient:
 
     def _store(self, key: tuple[str, ...], entry: _CacheEntry) -> None:
         self._cache[key] = entry
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_settings.max_entries:
-            self._cache.popitem(last=False)
 
     # --- uncached operations -------------------------------------------------------------------
-
-    async def ping(self, host: str) -> None:
-        """``GET /v2/``: raise RegistryError unless the registry answers and accepts our auth."""
-        reply = await self._request("GET", host, "/v2/", scope=None, operation="ping")
-        if reply.status != 200:
-            raise _status_error(reply, host, "/v2/")
 
     async def _fetch_manifest(
         self, method: str, host: str, repository: str, reference: str

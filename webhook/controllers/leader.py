@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import math
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 from mirrorgate.webhook.adapters.kube import Kube, KubeError, lease_path
 from mirrorgate.webhook.core.rbac import LEASE_NAME
+from mirrorgate.webhook.infra.backoff import jittered
 from mirrorgate.webhook.infra.logs import get_logger
 
 log = get_logger("leader")
@@ -191,7 +191,7 @@ class LeaderElector:
             await self._pause()
 
     async def _pause(self) -> None:
-        await asyncio.sleep(self.settings.retry_period * random.uniform(1.0, JITTER))
+        await asyncio.sleep(jittered(self.settings.retry_period, JITTER - 1))
 
     async def _keep_leading(self) -> None:
         """Renew every retry period; return once renewal failed for the renew deadline or

@@ -11,10 +11,11 @@ and Events that existed before the watch started are a baseline, not failures.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from cachetools import LRUCache
 
 from mirrorgate.webhook.core.config import Config
 from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference
@@ -92,7 +93,7 @@ class PullFailureCounter:
     def __init__(self, config: Config, counter: Any) -> None:
         self.config = config
         self.counter = counter
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._seen: LRUCache[str, int] = LRUCache(MAX_TRACKED_EVENTS)
 
     def baseline(self, events: list[Mapping[str, Any]]) -> None:
         """Events that exist when watching starts: remember their counts, count nothing."""
@@ -119,9 +120,6 @@ class PullFailureCounter:
 
     def _remember(self, uid: str, count: int) -> None:
         self._seen[uid] = count
-        self._seen.move_to_end(uid)
-        while len(self._seen) > MAX_TRACKED_EVENTS:
-            self._seen.popitem(last=False)
 
 
 async def watch_pull_failures(kube: Any, counter: PullFailureCounter) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +45,7 @@ from mirrorgate.webhook.core.pullsecrets import (
     plan,
     source_problem,
 )
+from mirrorgate.webhook.infra.backoff import Backoff
 from mirrorgate.webhook.infra.logs import get_logger
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class PullSecretSync:
         self._dirty = asyncio.Event()
         self._writes = asyncio.Semaphore(MAX_PARALLEL_WRITES)
         self._pending: dict[str, asyncio.Task[CopyResult]] = {}
-        self._failures = 0
+        self._backoff = Backoff(RETRY_INITIAL, RETRY_MAX)
         self._retry: asyncio.TimerHandle | None = None
         self._conflicts: tuple[str, ...] = ()
         self._problem: str | None = None
@@ -125,12 +126,11 @@ class PullSecretSync:
         if t.patch_service_accounts:
             watches["serviceaccounts"] = ("/api/v1/serviceaccounts", {})
         for kind, (path, query) in watches.items():
+            restarts = self.metrics.pullsecret_watch_restarts
             watch = self.kube.watch(
                 path,
                 query=query,
-                on_restart=lambda reason, kind=kind: self.metrics.pullsecret_watch_restarts.labels(
-                    kind, reason
-                ).inc(),
+                on_restart=functools.partial(_count_restart, restarts, kind),
             ).start()
             self._watches[kind] = watch
             self._tasks.append(
@@ -237,18 +237,14 @@ class PullSecretSync:
             return
         results = await asyncio.gather(*(self._execute(a) for a in p.actions))
         if all(results):
-            self._failures = 0
+            self._backoff.reset()
         else:
             self._retry_later()
 
     def _retry_later(self) -> None:
-        self._failures += 1
-        delay = min(RETRY_MAX, RETRY_INITIAL * 2 ** (self._failures - 1))
         if self._retry is not None:
             self._retry.cancel()
-        self._retry = asyncio.get_running_loop().call_later(
-            delay * random.uniform(1.0, 1.2), self._dirty.set
-        )
+        self._retry = asyncio.get_running_loop().call_later(self._backoff.next(), self._dirty.set)
 
     def _publish(self, p: Plan) -> None:
         m = self.metrics
@@ -436,3 +432,7 @@ class PullSecretSync:
             },
         )
         return CopyResult("created")
+
+
+def _count_restart(counter: Any, kind: str, reason: str) -> None:
+    counter.labels(kind, reason).inc()

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import orjson
+from cachetools import LRUCache
 
 from mirrorgate.webhook.core.config import Config
 from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference, with_mirror
@@ -87,7 +88,7 @@ class ImageDecision:
 
 
 _MEMO_LIMIT = 10_000
-_memo: tuple[Config, dict[str, ImageDecision]] | None = None
+_memo: tuple[Config, LRUCache[str, ImageDecision]] | None = None
 
 
 def decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
@@ -98,12 +99,10 @@ def decide_image(image: str, config: Config, checks: Checks | None = None) -> Im
         return _decide_image(image, config, checks)
     memo = _memo
     if memo is None or memo[0] is not config:
-        memo = _memo = (config, {})
+        memo = _memo = (config, LRUCache(_MEMO_LIMIT))
     decision = memo[1].get(image)
     if decision is None:
-        decision = _decide_image(image, config, None)
-        if len(memo[1]) < _MEMO_LIMIT:
-            memo[1][image] = decision
+        decision = memo[1][image] = _decide_image(image, config, None)
     return decision
 
 

@@ -4,7 +4,7 @@ Pure: no HTTP, no Clair client. A verdict is one of four outcomes, and the diffe
 the user: **pass** (scanned, nothing blocks), **fail** (scanned, the policy is violated),
 **pending** (not scanned yet, or the scan is still running) and **unavailable** (the scanner or
 the registry could not be asked). Reports are Clair v4 ``VulnerabilityReport`` documents, parsed
-leniently: real reports do not validate against Clair's own schemas (reference/clair/README.md).
+leniently: real reports do not validate against Clair's own schemas (tests/data/clair/README.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mirrorgate.webhook.core.config import SEVERITIES, AllowEntry, ScanSettings
 Outcome = Literal["pass", "fail", "pending", "unavailable"]
 # Worst first when several platforms (or images) disagree.
 OUTCOME_RANK: dict[Outcome, int] = {"pass": 0, "pending": 1, "unavailable": 2, "fail": 3}
-SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+SEVERITY_RANK: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 SHOWN_FINDINGS = 5
 _CVE = re.compile(r"CVE-\d{4}-\d{4,}")
 # RHSA-2023:5837, GHSA-jq35-85cj-fj4p, DSA-5678-1, ALAS2-2024-001 ...
@@ -115,7 +115,7 @@ def findings_in(report: Mapping[str, Any]) -> list[Finding]:
 
 
 def _severity(v: Mapping[str, Any]) -> str:
-    # Notifications carry the normalized value under "severity" (reference/clair/README.md).
+    # Notifications carry the normalized value under "severity" (tests/data/clair/README.md).
     sev = v.get("normalized_severity") or v.get("severity") or "Unknown"
     return sev if sev in SEVERITY_RANK else "Unknown"
 

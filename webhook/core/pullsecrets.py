@@ -32,9 +32,12 @@ DOCKER_CONFIG_KEY = ".dockerconfigjson"
 # --- plain data ----------------------------------------------------------------------------------
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
+    return _mapping(obj.get("metadata"))
 
 
 def _strings(value: Any) -> dict[str, str]:
@@ -50,7 +53,7 @@ class NamespaceState:
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> NamespaceState:
         meta = _meta(obj)
-        status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
+        status = _mapping(obj.get("status"))
         return cls(
             name=str(meta.get("name", "")),
             labels=_strings(meta.get("labels")),

@@ -60,7 +60,7 @@ def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME) -> RBACRules:
     """
     cluster = [
         _rule("", "namespaces", ("list", "watch")),
-        # The lease holder counts kubelet pull failures from Events (webhook.pullfailures).
+        # The lease holder counts kubelet pull failures from Events (controllers.pullfailures).
         _rule("", "events", ("list", "watch")),
         _rule("", "secrets", ("create",)),
         _rule("", "secrets", ("get", "list", "watch", "update", "delete"), (target.name,)),

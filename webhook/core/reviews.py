@@ -80,8 +80,8 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
     uid = req.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadReviewError("request.uid is missing or not a string")
-    kind = req.get("kind") if isinstance(req.get("kind"), dict) else {}
-    resource = req.get("resource") if isinstance(req.get("resource"), dict) else {}
+    kind = _object(req.get("kind"))
+    resource = _object(req.get("resource"))
     return AdmissionRequest(
         uid=uid,
         kind=str(kind.get("kind", "")),
@@ -212,6 +212,10 @@ def build_response(
     if audit_annotations:
         response["auditAnnotations"] = dict(audit_annotations)
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _short(value: Any) -> str:

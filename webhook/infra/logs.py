@@ -78,6 +78,8 @@ class JsonLineHandler(logging.Handler):
         # The loop whose timer will flush what is buffered, and its thread; None when nothing is.
         self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._flush_thread = 0
+        # logging.Handler.__init__ made self.lock (typed Optional); the writes below hold it.
+        self._guard = self.lock or threading.RLock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -90,7 +92,7 @@ class JsonLineHandler(logging.Handler):
     def write_fields(self, level: int, logger: str, msg: str, fields: dict[str, Any]) -> None:
         """The line ``emit`` writes for such a record, without building one (``log_fields``)."""
         line = _line(time.time(), _level_name(level), logger, msg, fields)
-        with self.lock:  # type: ignore[union-attr]
+        with self._guard:
             self._write(line, level)
 
     def _write(self, line: bytes, level: int) -> None:
@@ -118,7 +120,7 @@ class JsonLineHandler(logging.Handler):
         loop.call_later(self.flush_delay, self.flush)
 
     def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
+        with self._guard:
             self._flush_loop = None
             # stderr closed or gone: nothing left to tell.
             with contextlib.suppress(OSError, ValueError):

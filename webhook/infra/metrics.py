@@ -148,8 +148,8 @@ class Metrics:
             ["source", "result"],
             registry=r,
         )
-        # Pull-secret propagation (webhook.pullsecrets). Gauges describe the cluster as this
-        # replica's watches see it; writes happen on the lease holder and at admission.
+        # Pull-secret propagation (webhook.controllers.pullsecrets). Gauges describe the cluster as
+        # this replica's watches see it; writes happen on the lease holder and at admission.
         self.pullsecret_copies = Gauge(
             "mirrorgate_pullsecret_copies",
             "Managed copies of the pull secret that hold the source's current content.",
@@ -210,7 +210,7 @@ class Metrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def registry_request(self, operation: str, seconds: float, error: str | None) -> None:
         self.registry_request_duration.labels(operation).observe(seconds)

@@ -1,52 +1,43 @@
 """The vulnerability gate's HTTP side: ``POST /validate`` and the scan event callbacks.
 
-``/validate`` judges the images a pod brings in (policy.py decides, scanner.py knows) and never
-holds the API server longer than ``scan.admissionBudget``. ``/events/clair`` (Clair's notifier) and
-``/events/registry`` (distribution's notifications, for scan-on-push) only accept authenticated
-callers: a shared bearer token from ``scan.events.tokenFile`` or a client certificate signed by
-``scan.events.clientCAFile``; with neither configured they refuse everyone.
+``/validate`` judges the images a pod brings in (``core.policy`` decides, ``services.scanner``
+knows) and never holds the API server longer than ``scan.admissionBudget``. ``/events/clair``
+(Clair's notifier) and ``/events/registry`` (distribution's notifications, for scan-on-push) only
+accept authenticated callers: a shared bearer token from ``scan.events.tokenFile`` or a client
+certificate signed by ``scan.events.clientCAFile``; with neither configured they refuse everyone.
 """
 
 from __future__ import annotations
 
-import functools
 import hmac
 import json
-import time
-import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import orjson
 from aiohttp import web
 
 from mirrorgate.webhook.adapters.clair import ClairClient
-from mirrorgate.webhook.adapters.registry import RegistryClient
 from mirrorgate.webhook.core.config import Config
 from mirrorgate.webhook.core.policy import Decision, ImageVerdict, decide
 from mirrorgate.webhook.core.reviews import (
-    MAX_BODY_BYTES,
     AdmissionRequest,
     BadReviewError,
     build_response,
     images_to_validate,
-    parse_review,
 )
 from mirrorgate.webhook.infra.logs import get_logger, log_fields
 from mirrorgate.webhook.infra.metrics import Metrics
+from mirrorgate.webhook.server.http import (
+    Answer,
+    admission_budget,
+    admission_endpoint,
+    read_review_body,
+)
+from mirrorgate.webhook.server.state import NAMESPACE_LABELS, REGISTRY, SCANNER
 from mirrorgate.webhook.services.scanner import Scanner
 
 log = get_logger("gate")
-SCANNER = web.AppKey("scanner", Scanner)
 SCAN_MODE_LABEL = "mirrorgate.io/scan-mode"
-RESPONSE_MARGIN = 0.5
-
-# Returns the namespace's labels, or None when unknown (no namespace cache in this process).
-NamespaceLabels = Callable[[str], Mapping[str, str] | None]
-NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
-# The one registry client of the process: the verifier and the scanner share its cache, so an image
-# is resolved once for both webhooks.
-REGISTRY = web.AppKey("registry", RegistryClient)
 
 
 def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_namespace: str) -> None:
@@ -73,7 +64,7 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_name
 
     app.cleanup_ctx.append(scanner_ctx)
     gate = _Gate(config, metrics, own_namespace=own_namespace)
-    app.router.add_post("/validate", gate.validate)
+    app.router.add_post("/validate", admission_endpoint("validate", gate.validate))
     app.router.add_post("/events/clair", gate.clair_event)
     app.router.add_post("/events/registry", gate.registry_event)
 
@@ -89,28 +80,15 @@ class _Gate:
 
     # --- /validate -----------------------------------------------------------------------------
 
-    async def validate(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        m = self.metrics
-        try:
-            req = parse_review(await read_review_body(request))
-        except BadReviewError as err:
-            m.admission_requests.labels("validate", "other", "bad_request").inc()
-            return web.Response(status=400, text=str(err) + "\n")
-        operation = m.operation_label(req.operation)
-        try:
-            images = images_to_validate(req, self.config, own_namespace=self.own_namespace)
-            if not images:
-                return self._answer(req, build_response(req.uid), "allowed", started, operation)
-            scanner = request.app[SCANNER]
-            budget = admission_budget(request, self.policy.admission_budget)
-            verdicts = await scanner.verdicts(images, budget=budget)
-            mode = self._mode(request, req.namespace)
-            decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
-        except Exception:
-            m.admission_requests.labels("validate", operation, "error").inc()
-            log.exception("internal error while validating", extra={"fields": {"uid": req.uid}})
-            return web.Response(status=500, text=f"internal error reviewing uid {req.uid}\n")
+    async def validate(self, request: web.Request, req: AdmissionRequest, started: float) -> Answer:
+        images = images_to_validate(req, self.config, own_namespace=self.own_namespace)
+        if not images:
+            return Answer(build_response(req.uid), "allowed")
+        scanner = request.app[SCANNER]
+        budget = admission_budget(request, self.policy.admission_budget)
+        verdicts = await scanner.verdicts(images, budget=budget)
+        mode = self._mode(request, req.namespace)
+        decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
         self._count(req, verdicts, decision)
         status = None
         if not decision.allowed:
@@ -123,19 +101,7 @@ class _Gate:
             audit_annotations=decision.audit,
         )
         self._log(req, verdicts, decision, mode)
-        outcome = "allowed" if decision.allowed else "denied"
-        return self._answer(req, response, outcome, started, operation)
-
-    def _answer(
-        self, req: AdmissionRequest, response: dict, outcome: str, started: float, operation: str
-    ) -> web.Response:
-        m = self.metrics
-        m.child(m.admission_requests, "validate", operation, outcome).inc()
-        m.child(m.admission_duration, "validate").observe(time.perf_counter() - started)
-        return web.Response(
-            body=orjson.dumps(response),
-            content_type="application/json",
-        )
+        return Answer(response, "allowed" if decision.allowed else "denied")
 
     def _mode(self, request: web.Request, namespace: str | None) -> str:
         lookup = request.app.get(NAMESPACE_LABELS)
@@ -242,34 +208,3 @@ class _Gate:
         queued = request.app[SCANNER].handle_registry_events(envelope)
         self.metrics.scan_events.labels("registry", "accepted").inc()
         return web.json_response({"queued": queued})
-
-
-async def read_review_body(request: web.Request) -> bytes:
-    """The request body, or BadReviewError when it is over the AdmissionReview size limit."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes") from err
-
-
-def admission_budget(request: web.Request, configured: float) -> float:
-    """``configured``, capped by the API server's ``?timeout=`` for this call less a margin for
-    the answer to travel back."""
-    api_timeout = _api_timeout(request.query_string)
-    if api_timeout is None:
-        return configured
-    return max(0.05, min(configured, api_timeout - RESPONSE_MARGIN))
-
-
-@functools.lru_cache(maxsize=64)
-def _api_timeout(query: str) -> float | None:
-    """Seconds in ``timeout=`` (``10s`` or ``10``) of a raw query string; None when absent or
-    unreadable. Cached: the API server sends the same few strings, and ``request.query`` builds
-    a MultiDict per request (4 us)."""
-    raw = dict(urllib.parse.parse_qsl(query)).get("timeout", "")
-    try:
-        return float(raw[:-1]) if raw.endswith("s") else float(raw)
-    except ValueError:
-        return None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from mirrorgate.webhook.adapters.registry import Manifest, RegistryClient, RegistryError
 from mirrorgate.webhook.core.config import Config, Mirror
@@ -156,7 +157,7 @@ class MirrorVerifier:
             return {}
         known = {c: self._known(c) for c in unique}
         if all(known.values()):
-            return known  # type: ignore[return-value]
+            return cast(dict[str, MirrorCheck], known)  # all() just saw no None
         tasks = {c: asyncio.ensure_future(self._check(c, allow_copy)) for c in unique}
         done, pending = await asyncio.wait(tasks.values(), timeout=budget)
         out: dict[str, MirrorCheck] = {}

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+from cachetools import LRUCache
 
 from mirrorgate.webhook.adapters.clair import ClairClient, ClairError
 from mirrorgate.webhook.adapters.registry import (
@@ -36,6 +37,7 @@ from mirrorgate.webhook.services.mirrors import location
 log = get_logger("scanner")
 UNAVAILABLE_TTL = 5.0  # reuse "Clair is down" briefly instead of hammering it
 SEEN_NOTIFICATIONS = 1024
+MAX_VERDICTS = 20_000
 
 
 @dataclass
@@ -65,13 +67,13 @@ class Scanner:
         self.policy: ScanSettings = config.scan
         self._clock = clock
         self._today = today
-        self._verdicts: OrderedDict[str, _CachedVerdict] = OrderedDict()
+        self._verdicts: LRUCache[str, _CachedVerdict] = LRUCache(MAX_VERDICTS)
         self._reports: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._indexing: dict[str, asyncio.Future[None]] = {}
         self._queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(self.policy.queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self._seen_notifications: OrderedDict[str, None] = OrderedDict()
+        self._seen_notifications: LRUCache[str, None] = LRUCache(SEEN_NOTIFICATIONS)
         self._on_index = on_index
         self._on_queue = on_queue
         self.index_requests = 0
@@ -103,7 +105,7 @@ class Scanner:
         known = [self._known_verdict(i) for i in images]
         missing = [i for i, v in zip(images, known, strict=True) if v is None]
         if not missing:
-            return known  # type: ignore[return-value]
+            return cast(list[ImageVerdict], known)  # no None: missing is empty
         deadline = self._clock() + budget
         fetched = iter(
             await asyncio.gather(*(self.image_verdict(i, deadline=deadline) for i in missing))
@@ -130,7 +132,6 @@ class Scanner:
             cached = self._verdicts.get(key)
             if cached is None or cached.expires <= now:
                 return None
-            self._verdicts.move_to_end(key)
             platform_verdicts.append(cached.verdict)
         verdict = worst(platform_verdicts)
         if top.is_index and verdict.outcome == "pass":
@@ -198,7 +199,6 @@ class Scanner:
         cached = self._verdicts.get(key)
         now = self._clock()
         if cached and cached.expires > now:
-            self._verdicts.move_to_end(key)
             return cached.verdict
         try:
             report = await self._wait(self._report(digest), deadline)
@@ -245,9 +245,6 @@ class Scanner:
 
     def _remember(self, key: str, verdict: Verdict, ttl: float) -> None:
         self._verdicts[key] = _CachedVerdict(verdict, self._clock() + ttl)
-        self._verdicts.move_to_end(key)
-        while len(self._verdicts) > 20_000:
-            self._verdicts.popitem(last=False)
 
     def invalidate(self, digest: str) -> int:
         """Forget verdicts for a manifest digest; returns how many were dropped."""
@@ -370,8 +367,6 @@ class Scanner:
         if notification_id in self._seen_notifications:
             return False
         self._seen_notifications[notification_id] = None
-        while len(self._seen_notifications) > SEEN_NOTIFICATIONS:
-            self._seen_notifications.popitem(last=False)
         self._spawn(self._process_notification(notification_id, callback))
         return True
 
