@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mirrorgate.webhook.core.reviews import MAX_BODY_BYTES
-from mirrorgate.webhook.server.tls import inspect_pair
+from mirrorgate.webhook.server.tls import load_pair
 
 API_VERSION = "admission.k8s.io/v1"
 
@@ -53,7 +53,7 @@ def create_baseline_app() -> web.Application:
 
 
 async def serve(host: str, port: int, cert: str, key: str) -> None:
-    _info, ssl_context = inspect_pair(Path(cert), Path(key))
+    _info, ssl_context = load_pair(Path(cert), Path(key))
     runner = web.AppRunner(create_baseline_app(), shutdown_timeout=15, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()

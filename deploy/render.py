@@ -78,6 +78,7 @@ WEBHOOK_PORT = 8443
 METRICS_PORT = 9090
 SERVICE_PORT = 443
 REGISTRY_UID = 1000
+SHUTDOWN_DELAY = 5
 WEBHOOK_UID = 65532
 
 CONFIG_DIR = "/etc/mirrorgate/config"
@@ -1102,6 +1103,11 @@ class _Webhook:
                 f"0.0.0.0:{WEBHOOK_PORT}",
                 "--metrics-listen",
                 f"0.0.0.0:{METRICS_PORT}",
+                # After SIGTERM, readiness fails and connections close after each answer while
+                # serving goes on, so the Service's endpoints move before the socket closes
+                # (the grace period below covers this and the 15 s drain).
+                "--shutdown-delay",
+                str(SHUTDOWN_DELAY),
             ],
             "env": env,
             "ports": [

@@ -301,6 +301,47 @@ def test_other_requests_are_allowed_unchanged(operation, kind, resource):
             id="an empty uid",
         ),
         pytest.param(b"{" + b" " * (3 * 1024 * 1024) + b"}", "exceeds", id="a body over 3 MiB"),
+        # Shapes the API server never sends (it decodes into typed structs first).
+        pytest.param(
+            review(pod(containers=["not a container", {"name": "app", "image": "nginx:1.25"}])),
+            "request.object.spec.containers[0]: expected an object, got a string",
+            id="a container that is not an object",
+        ),
+        pytest.param(
+            review(pod(containers=[{"name": "app", "image": 5}])),
+            "request.object.spec.containers[0].image: expected a string, got a number",
+            id="an image that is a number",
+        ),
+        pytest.param(
+            review(pod(annotations={"a": {"b": 1}})),
+            "request.object.metadata.annotations['a']: expected a string, got an object",
+            id="an annotation value that is not a string",
+        ),
+        pytest.param(
+            review(pod(annotations=["x"])),
+            "request.object.metadata.annotations: expected a map of strings, got a list",
+            id="annotations that are a list",
+        ),
+        pytest.param(
+            review(pod(secrets=["mirrorgate-pull"])),
+            "request.object.spec.imagePullSecrets[0]: expected an object, got a string",
+            id="a pull secret that is a bare string",
+        ),
+        pytest.param(
+            review({"apiVersion": "v1", "kind": "Pod", "spec": [1]}),
+            "request.object.spec: expected an object, got a list",
+            id="a spec that is a list",
+        ),
+        pytest.param(
+            review(pod(containers=[{"name": f"c{i}", "image": "nginx"} for i in range(1001)])),
+            "request.object.spec has 1001 containers; mirrorgate reviews pods of up to 1000",
+            id="a pod with more containers than any real one",
+        ),
+        pytest.param(
+            review(pod(), old=[1]),
+            "request.oldObject: expected an object, got a list",
+            id="an old object that is a list",
+        ),
     ],
 )
 def test_malformed_reviews_are_rejected_with_a_reason(body, reason):
@@ -437,10 +478,6 @@ RICH = {
             ),
             id="a reinvocation after a sidecar was injected",
         ),
-        pytest.param(
-            pod(containers=["not a container", {"name": "app", "image": "nginx:1.25"}]),
-            id="a container list with an item that is not an object",
-        ),
     ],
 )
 def test_the_patch_turns_the_submitted_pod_into_exactly_the_mutated_pod(obj):
@@ -452,3 +489,28 @@ def test_the_patch_turns_the_submitted_pod_into_exactly_the_mutated_pod(obj):
     stored = apply(copy.deepcopy(obj), resp)
     for key in ("volumes", "tolerations"):
         assert stored.get("spec", {}).get(key) == obj.get("spec", {}).get(key)
+
+
+def test_megabyte_long_distinct_images_are_refused_fast_and_never_remembered():
+    """100 pods each with a distinct invalid 1 MB image: each is answered with a warning and
+    nothing of them is kept (on c698f4d the decision memo kept every one: +100 MiB)."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(100):
+            image = f"{i}" + "A" * (1 << 20)
+            _, response = run(
+                review(pod(containers=[{"name": "app", "image": image}]), uid=f"u{i}")
+            )
+            assert "patch" not in response
+            assert "no image reference is longer than 1024 characters" in response["warnings"][0]
+            assert len(response["warnings"][0]) < 512
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 8 << 20, f"{kept / (1 << 20):.1f} MiB kept after 100 distinct 1 MB images"

@@ -5,19 +5,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import gzip
 import json
+import logging
+import random
 import ssl
+import threading
+import time
+import zlib
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from mirrorgate.webhook.core.config import parse_config
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server import admission as admission_module
 from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
 from mirrorgate.webhook.server.tls import ReloadingTLS, TLSConfigError
 from tests.helpers.admission import REWRITE_CONFIG as CONFIG
 from tests.helpers.admission import pod, review
-from tests.helpers.pki import make_ca
+from tests.helpers.pki import issue_client, make_ca
 
 
 @pytest.fixture
@@ -48,14 +57,14 @@ def url(server, path):
     return f"https://127.0.0.1:{server.port}{path}"
 
 
-async def post(server, client_ssl, body, **kwargs):
+async def post(server, client_ssl, body, *, headers=None, **kwargs):
     async with (
         aiohttp.ClientSession() as s,
         s.post(
             url(server, "/mutate?timeout=10s"),
             data=body,
             ssl=client_ssl,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **(headers or {})},
             **kwargs,
         ) as r,
     ):
@@ -305,3 +314,173 @@ def test_the_admission_budget_follows_the_api_servers_timeout(path, budget):
     from mirrorgate.webhook.server.gate import admission_budget
 
     assert admission_budget(make_mocked_request("POST", path), 2.0) == pytest.approx(budget)
+
+
+# --- bodies as an attacker or a buggy client sends them -----------------------------------------
+def bomb(size: int, *, wbits: int = 16 + zlib.MAX_WBITS) -> bytes:
+    """``size`` zero bytes compressed (a 1 GiB bomb is about 1 MiB of gzip)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(1 << 20)
+    return b"".join(z.compress(block) for _ in range(size >> 20)) + z.flush()
+
+
+def bad_requests(metrics: Metrics) -> float:
+    labels = {"webhook": "mutate", "operation": "other", "outcome": "bad_request"}
+    return metrics.registry.get_sample_value("mirrorgate_admission_requests_total", labels) or 0
+
+
+async def test_gzip_and_deflate_reviews_are_answered_like_plain_ones(served, client_ssl):
+    server, _, _ = served
+    body = review(pod(), uid="gz")
+    for encoding, data in (
+        ("gzip", gzip.compress(body)),
+        ("deflate", zlib.compress(body)),
+        ("identity", body),
+    ):
+        status, answer = await post(
+            server, client_ssl, data, headers={"Content-Encoding": encoding}
+        )
+        assert status == 200, (encoding, answer)
+        assert json.loads(answer)["response"]["patch"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "chunked"),
+    [
+        pytest.param("gzip", False, id="a 1 GiB gzip bomb with a Content-Length"),
+        pytest.param("gzip", True, id="a 1 GiB gzip bomb sent chunked"),
+        pytest.param("deflate", True, id="a 1 GiB deflate bomb sent chunked"),
+    ],
+)
+async def test_a_compression_bomb_is_a_400_that_costs_almost_nothing(
+    served, client_ssl, encoding, chunked
+):
+    """Inflating stops at the body limit (on c698f4d: 2.6 s of CPU after the 400, and 9.3 s
+    for the chunked one, which bypassed the size check). The server runs in this process, so
+    its CPU time is this process's."""
+    server, _, metrics = served
+    data = bomb(1 << 30, wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    payload: Any = data
+    if chunked:
+
+        async def chunks() -> Any:
+            for i in range(0, len(data), 64 << 10):
+                yield data[i : i + (64 << 10)]
+
+        payload = chunks()
+    cpu = time.process_time()
+    status, text = await post(server, client_ssl, payload, headers={"Content-Encoding": encoding})
+    await asyncio.sleep(0.5)  # whatever the server would go on doing after answering
+    assert status == 400 and b"exceeds 3145728 bytes once decompressed" in text
+    assert time.process_time() - cpu < 1.0
+    assert bad_requests(metrics) == 1
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data", "reason"),
+    [
+        pytest.param("gzip", b'{"kind": "AdmissionReview"}', b"not valid gzip", id="plain JSON"),
+        pytest.param("gzip", gzip.compress(b"{}" * 100)[:-20], b"not valid gzip", id="cut short"),
+        pytest.param("br", b"{}", b"unsupported Content-Encoding 'br'", id="an unknown coding"),
+    ],
+)
+async def test_a_body_that_is_not_what_its_encoding_says_is_a_counted_400(
+    served, client_ssl, encoding, data, reason
+):
+    """On c698f4d a gzip header on a plain body got aiohttp's own 500, uncounted."""
+    server, _, metrics = served
+    status, text = await post(server, client_ssl, data, headers={"Content-Encoding": encoding})
+    assert status == 400 and reason in text, text
+    assert bad_requests(metrics) == 1
+
+
+# --- certificate reloads under churn, client certificates ----------------------------------------
+async def test_handshakes_never_fail_while_pairs_alternate_in_place(pki, client_ssl, tmp_path):
+    """A writer thread overwrites the served files in place (key, then certificate, no atomic
+    swap) with two pairs in turn while the server re-checks them every millisecond: every
+    handshake completes, with one of the two (on c698f4d, 369 of 14,550 failed with "no shared
+    cipher": the pair was checked, then read again into the live context half-changed)."""
+    ca, first = pki
+    second = ca.issue(tmp_path / "second")
+    pairs = [
+        (first.cert_pem, first.key_file.read_bytes()),
+        (second.cert_pem, second.key_file.read_bytes()),
+    ]
+    tls = ReloadingTLS(first.cert_file, first.key_file)
+    server = await asyncio.get_running_loop().create_server(
+        asyncio.Protocol, "127.0.0.1", 0, ssl=tls.context
+    )
+    port = server.sockets[0].getsockname()[1]
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            cert, key = pairs[i % 2]
+            first.key_file.write_bytes(key)
+            first.cert_file.write_bytes(cert)
+            i += 1
+            time.sleep(random.random() / 1000)
+
+    async def reload() -> None:
+        while not stop.is_set():
+            swaps.append(tls.reload_if_changed())
+            await asyncio.sleep(0.001)
+
+    swaps: list[bool] = []
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    reloader = asyncio.create_task(reload())
+    failures, serials, last = 0, set(), None
+    logging.disable(logging.ERROR)  # every mismatched read is an error line: thousands here
+    try:
+        for _ in range(600):
+            try:
+                serials.add(await peer_serial(port, client_ssl))
+            except (ssl.SSLError, ConnectionError) as err:
+                failures += 1
+                last = err
+    finally:
+        logging.disable(logging.NOTSET)
+        stop.set()
+        writer.join()
+        await reloader
+        server.close()
+    assert failures == 0, f"{failures} of 600 handshakes failed, e.g. {last!r}"
+    assert sum(swaps) > 20, sum(swaps)
+    assert serials == {tls_serial(first.cert_pem), tls_serial(second.cert_pem)}
+
+
+async def test_events_accept_a_client_certificate_from_the_configured_ca(pki, client_ssl, tmp_path):
+    """scan.events.clientCAFile: the server asks for a client certificate and verifies it; a
+    verified one may post events, none gets 401, one from another CA fails the handshake (on
+    c698f4d no certificate was ever requested, so every such caller got 401)."""
+    ca, issued = pki
+    callers = make_ca(tmp_path / "callers", name="event-callers")
+    good = issue_client(callers, tmp_path / "good")
+    stranger = issue_client(make_ca(tmp_path / "other", name="stranger"), tmp_path / "bad")
+    (tmp_path / "psk").write_text("c2VjcmV0\n")
+    config = parse_config(
+        "scan:\n"
+        "  clair: {url: 'http://127.0.0.1:9', pskFile: " + str(tmp_path / "psk") + "}\n"
+        f"  events: {{clientCAFile: {callers.cert_file}}}\n"
+    )
+    tls = ReloadingTLS(issued.cert_file, issued.key_file, client_ca_file=callers.cert_file)
+    server = TestServer(create_app(Settings(config=config)), host="127.0.0.1")
+    await server.start_server(ssl=tls.context)
+    events = f"https://127.0.0.1:{server.port}/events/registry"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for cert, expected in ((good, 200), (None, 401)):
+                ctx = ssl.create_default_context(cadata=ca.pem.decode())
+                if cert is not None:
+                    ctx.load_cert_chain(cert.cert_file, cert.key_file)
+                async with session.post(events, json={"events": []}, ssl=ctx) as r:
+                    assert r.status == expected, (cert, r.status, await r.text())
+            ctx = ssl.create_default_context(cadata=ca.pem.decode())
+            ctx.load_cert_chain(stranger.cert_file, stranger.key_file)
+            with pytest.raises(aiohttp.ClientError):
+                async with session.post(events, json={"events": []}, ssl=ctx) as r:
+                    await r.read()
+    finally:
+        await server.close()

@@ -30,6 +30,9 @@ from mirrorgate.webhook.core.mutation import decide_image
 if TYPE_CHECKING:
     from mirrorgate.webhook.controllers.certs import CertRenewal
 
+# serve's default connection cap (--max-connections), lowered at start to fit the fd limit.
+DEFAULT_MAX_CONNECTIONS = 1024
+
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
 CONFIG_HELP = "mirrorgate.yaml to use (default: $MIRRORGATE_CONFIG, else ./mirrorgate.yaml)"
@@ -83,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
             on disk (checked every --cert-reload-interval seconds), without a restart and without
             dropping requests in flight. The process never mutates pods in kube-system, in
             namespaces.exclude, or in its own namespace ($POD_NAMESPACE, default "mirrorgate").
-            Logs are JSON lines on stderr. SIGTERM drains in-flight requests, then exits.
+            Logs are JSON lines on stderr.
+
+            SIGTERM: /readyz answers 503 and every answer closes its connection for
+            --shutdown-delay seconds while serving goes on (endpoints move to other replicas),
+            then the socket closes and requests in flight finish (up to 15 s) before exit.
+
+            Limits (clients that misbehave are let go of, the API server's calls are served):
+            at most --max-connections connections (idle ones are closed first when full), a TLS
+            handshake within 10 s, request headers and idle keep-alive within --idle-timeout, a
+            body within 5 s and at most 3 MiB (also once gzip or deflate is inflated), at most
+            1000 containers per pod; every answer within the admission budget.
 
             With pullSecret.source set it also keeps that Secret copied into every namespace in
             scope and creates a missing copy when a pod needs it. Replicas elect one writer with
@@ -116,6 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="leader election lease for pull-secret copies (default %(default)s); renew deadline "
         "and retry period scale with it as in client-go (10 s and 2 s for 15 s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open HTTPS connections at most (default %(default)s; lowered to fit the open-file "
+        "limit)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection idle this long, or still sending its headers (default "
+        "%(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, keep serving this long with /readyz failing before closing the socket "
+        "(default %(default)s; mirrorgate deploy sets 5)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
@@ -459,6 +496,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     if args.lease_duration < 1:
         raise UsageError("--lease-duration must be at least 1 second")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    if not 0 <= args.shutdown_delay <= 300:
+        raise UsageError("--shutdown-delay must be between 0 and 300 seconds")
+    if not 1 <= args.idle_timeout <= 3600:
+        raise UsageError("--idle-timeout must be between 1 and 3600 seconds")
     listen = parse_listen(args.listen, "--listen")
     metrics_listen = (
         None
@@ -479,6 +522,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 key=args.tls_key,
                 reload_interval=args.cert_reload_interval,
                 lease_duration=args.lease_duration,
+                max_connections=args.max_connections,
+                shutdown_delay=args.shutdown_delay,
+                idle_timeout=args.idle_timeout,
             )
         )
     except (TLSConfigError, KubeConfigError) as err:
@@ -537,6 +583,9 @@ async def _serve(
     key: str,
     reload_interval: float,
     lease_duration: float,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    shutdown_delay: float = 0.0,
+    idle_timeout: float = 30.0,
 ) -> int:
     from aiohttp import web
 
@@ -544,18 +593,28 @@ async def _serve(
     from mirrorgate.webhook.infra.logs import get_logger
     from mirrorgate.webhook.infra.metrics import Metrics
     from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
+    from mirrorgate.webhook.server.listener import (
+        STATUS,
+        FdExhaustionReporter,
+        Listener,
+        raise_open_files_limit,
+    )
     from mirrorgate.webhook.server.tls import ReloadingTLS
 
     log = get_logger("serve")
+    asyncio.get_running_loop().set_exception_handler(FdExhaustionReporter())
+    max_connections = raise_open_files_limit(max_connections)
     metrics = Metrics()
 
     def record_cert(info: Any) -> None:
         metrics.certificate_expiry.labels("serving").set(info.not_after.timestamp())
         metrics.certificate_reloads.labels("loaded").inc()
 
+    events_ca = config.scan.events.client_ca_file if config.scan else None
     tls = ReloadingTLS(
         cert,
         key,
+        client_ca_file=events_ca,
         on_load=record_cert,
         on_error=lambda: metrics.certificate_reloads.labels("failed").inc(),
     )
@@ -571,13 +630,22 @@ async def _serve(
         election=election,
         kubernetes=kubernetes,
         cert_renewal=serve_cert_renewal(config, own_namespace=own_namespace),
+        idle_timeout=idle_timeout,
     )
     app = create_app(settings, metrics=metrics)
     runner = web.AppRunner(app, shutdown_timeout=15, access_log=None)
     await runner.setup()
     runners = [runner]
+    listener = Listener(
+        runner,
+        app[STATUS],
+        host=listen[0],
+        port=listen[1],
+        ssl_context=tls.context,
+        max_connections=max_connections,
+    )
     try:
-        await web.TCPSite(runner, listen[0], listen[1], ssl_context=tls.context).start()
+        await listener.start()
         if metrics_listen:
             mrunner = web.AppRunner(create_metrics_app(metrics), access_log=None)
             await mrunner.setup()
@@ -611,8 +679,16 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(tls.watch(reload_interval))
     await stop.wait()
-    log.info("shutting down: draining requests in flight")
+    if shutdown_delay > 0:
+        app[STATUS].draining = True
+        log.info(
+            "draining: readiness fails, still serving",
+            extra={"fields": {"for_s": shutdown_delay}},
+        )
+        await asyncio.sleep(shutdown_delay)
+    log.info("shutting down: finishing requests in flight")
     watcher.cancel()
+    await listener.stop()
     for r in reversed(runners):
         await r.cleanup()
     log.info("stopped")

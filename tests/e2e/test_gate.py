@@ -24,6 +24,7 @@ from mirrorgate.webhook.server.app import Settings, create_app
 from mirrorgate.webhook.server.gate import NAMESPACE_LABELS, SCANNER
 from tests.helpers.admission import pod_review as review
 from tests.helpers.admission import write_gate_config as write_config
+from tests.helpers.clair_standin import make_psk_jwt
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.registries import HarnessRegistry, push_image, skopeo_inspect_raw
 
@@ -456,3 +457,70 @@ def test_through_the_api_server_a_vulnerable_pod_is_denied_with_the_findings(
             assert kapi.create_pod(ns, pod("good", clean)).status == 201
         finally:
             kapi.request("DELETE", f"{hooks}/e2e-gate")
+
+
+async def test_event_endpoints_answer_odd_bodies_and_odd_tokens_without_a_500(
+    aiohttp_client, clair, htpasswd_registry, tmp_path
+):
+    """On c698f4d: {"events": 5} and a PSK-signed JWT with exp 10**400 were 500s, and a signed
+    JWT without exp was accepted forever."""
+    _, client = await gate(
+        aiohttp_client, write_config(tmp_path, clair, htpasswd_registry, events_token="s3cret")
+    )
+    auth = {"Authorization": "Bearer s3cret"}
+    for body in ({"events": 5}, {"events": [5, {"target": 7}, {"action": "push", "target": []}]}):
+        r = await client.post("/events/registry", json=body, headers=auth)
+        assert r.status in (200, 400), (body, r.status)
+    r = await client.post("/events/registry", json={"events": 5}, headers=auth)
+    assert r.status == 400 and "events: [...]" in await r.text()
+
+    notification = {"notification_id": "n1", "callback": f"{clair.url}/notifier/api/v1/n/n1"}
+    huge = make_psk_jwt(clair.psk_b64, "clair-notifier", claims={"exp": 10**400})
+    no_exp = make_psk_jwt(clair.psk_b64, "clair-notifier", claims={"exp": None})
+    for token, expected in ((huge, 200), (no_exp, 401)):
+        r = await client.post(
+            "/events/clair", json=notification, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert r.status == expected, (token[:20], r.status, await r.text())
+    r = await client.post(
+        "/events/clair", json={"notification_id": 5, "callback": []}, headers=auth
+    )
+    assert r.status == 400
+
+
+async def test_rejections_in_thousands_of_namespaces_add_a_bounded_number_of_series(
+    aiohttp_client, clair, htpasswd_registry, images, tmp_path
+):
+    """A client naming a new namespace per review (5,000 on c698f4d: 5,000 series, /metrics
+    5 KB -> 3.2 MB) gets the first 1,000 namespaces their own series and the rest "other"; with
+    the cluster's namespaces known (the watch), names the cluster lacks are "other" at once."""
+    vuln, vuln_digest = images["vulnerable"]
+    clair.set_report(vuln_digest, "trimmed")
+    metrics = Metrics()
+    config = write_config(tmp_path, clair, htpasswd_registry)
+    _, client = await gate(aiohttp_client, config, metrics)
+    for i in range(1200):
+        denied = await validate(client, review(vuln, uid=f"u{i}", namespace=f"ns-{i}"))
+        assert denied["allowed"] is False
+    series = {
+        s.labels["namespace"]
+        for family in metrics.registry.collect()
+        if family.name == "mirrorgate_images_rejected"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert len(series) == 1001 and "other" in series and "ns-999" in series
+    other = {"namespace": "other", "reason": "fail"}
+    assert metrics.registry.get_sample_value("mirrorgate_images_rejected_total", other) == 200
+
+    known = Metrics()
+    _, watched = await gate(aiohttp_client, config, known, namespace_labels={"payments": {}})
+    for ns in ("payments", "made-up-1", "made-up-2"):
+        await validate(watched, review(vuln, namespace=ns))
+    values = {
+        s.labels["namespace"]
+        for f in known.registry.collect()
+        for s in f.samples
+        if f.name == "mirrorgate_images_rejected"
+    }
+    assert values == {"payments", "other"}

@@ -22,7 +22,8 @@ import pytest
 from mirrorgate.webhook.adapters.registry import RegistryClient, RegistryError
 from mirrorgate.webhook.core.config import RegistryAccess, parse_config
 from mirrorgate.webhook.infra.metrics import Metrics
-from mirrorgate.webhook.server.app import VERIFIER, Settings, create_app
+from mirrorgate.webhook.server.app import Settings, create_app
+from mirrorgate.webhook.server.state import REGISTRY, VERIFIER
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.registries import (
     DOCKER_MANIFEST,
@@ -536,3 +537,86 @@ def test_prewarm_through_a_pull_through_mirror_caches_every_layer(
     # ...where they stay: warming again reads no blob from the upstream.
     assert prewarm().returncode == 0
     assert upstream_blob_reads() - before == first
+
+
+# --- what one hostile pod or one broken mirror must not do to everyone else --------------------
+def pod_admission(images: list[str], *, uid: str) -> dict[str, Any]:
+    review = admission(images[0], uid=uid)
+    review["request"]["object"]["spec"]["containers"] = [
+        {"name": f"c{i}", "image": image} for i, image in enumerate(images)
+    ]
+    return review
+
+
+async def test_a_pod_of_thousands_of_images_on_a_hung_mirror_starves_no_other_mirror(
+    aiohttp_client, silent_server, plain_registry, caplog
+):
+    """Each registry has its own queue, and checks nobody waits for any more leave it: a pod
+    with 2,000 images on a mirror that never answers fills that mirror's slots, while a pod on a
+    healthy mirror right after it still gets the mirror and its pull secret. The hung mirror's
+    failures are one bounded log line, not one per abandoned check."""
+    push_image(plain_registry, "team/api", "v1")
+    hung = f"127.0.0.1:{silent_server}"
+    config = parse_config(
+        f'mirrors:\n  - {{upstream: docker.io, mirror: "{hung}"}}\n'
+        f'  - {{upstream: ghcr.io, mirror: "{plain_registry.host}"}}\n'
+        "pullSecret: {name: mirrorgate-pull}\nverifyTimeout: 500ms\n"
+        f'registries: {{"{hung}": {{plainHTTP: true}}, '
+        f'"{plain_registry.host}": {{plainHTTP: true}}}}\n'
+        "registryClient: {timeout: 2s, maxConcurrency: 8}\n"
+    )
+    app = create_app(Settings(config))
+    client = await aiohttp_client(app)
+    hostile = pod_admission([f"team/app{i}:v1" for i in range(2000)], uid="hostile")
+    r = await client.post("/mutate?timeout=10s", json=hostile)
+    assert r.status == 200 and "patch" not in (await r.json())["response"]
+
+    started = time.monotonic()
+    r = await client.post("/mutate?timeout=10s", json=admission("ghcr.io/team/api:v1", uid="ok"))
+    resp = (await r.json())["response"]
+    assert time.monotonic() - started < 0.5
+    assert patched_image(resp) == f"{plain_registry.host}/team/api:v1"
+    ops = json.loads(base64.b64decode(resp["patch"]))
+    assert {
+        "op": "add",
+        "path": "/spec/imagePullSecrets",
+        "value": [{"name": "mirrorgate-pull"}],
+    } in ops
+    # Only what holds a connection to the hung mirror is still in flight, the rest was dropped.
+    assert len(app[REGISTRY]._inflight) <= 8
+
+    await asyncio.sleep(2.5)  # the in-flight checks time out
+    failing = [r for r in caplog.records if r.getMessage() == "registry calls failing"]
+    assert len(failing) == 1, [r.getMessage() for r in caplog.records]
+    assert failing[0].fields["registry"] == hung and failing[0].fields["kind"] == "timeout"
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_the_budget_holds_for_the_whole_answer_of_a_pod_with_a_thousand_images(
+    aiohttp_client, silent_server
+):
+    """1,000 distinct images on a mirror that never answers: the answer (both passes, the
+    patch, the warnings) leaves within the budget the API server's ?timeout= leaves (on c698f4d
+    10,000 images took 3.75 s against a 2 s budget, past the API server's own 3 s); a pod with
+    more containers than any real one is refused at once."""
+    hung = f"127.0.0.1:{silent_server}"
+    config = parse_config(
+        f'mirrors: [{{upstream: docker.io, mirror: "{hung}"}}]\n'
+        f'verifyTimeout: 2s\nregistries: {{"{hung}": {{plainHTTP: true}}}}\n'
+    )
+    client = await aiohttp_client(create_app(Settings(config)))
+    review = pod_admission([f"team/app{i}:v{i}" for i in range(1000)], uid="big")
+    started = time.monotonic()
+    r = await client.post("/mutate?timeout=3s", json=review)
+    elapsed = time.monotonic() - started
+    resp = (await r.json())["response"]
+    assert r.status == 200 and "patch" not in resp
+    assert elapsed < 2.3, f"answered in {elapsed:.2f}s with a 2 s budget"
+    assert sum(map(len, resp["warnings"])) <= 4096
+    assert resp["warnings"][-1].endswith("more warnings not shown (see its log)")
+
+    huge = pod_admission([f"team/app{i}:v1" for i in range(10_000)], uid="huge")
+    started = time.monotonic()
+    r = await client.post("/mutate?timeout=3s", json=huge)
+    assert r.status == 400 and "mirrorgate reviews pods of up to 1000" in await r.text()
+    assert time.monotonic() - started < 1.0

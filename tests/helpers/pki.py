@@ -56,3 +56,41 @@ def make_ca(directory: Path, *, name: str = "mirrorgate-test-ca") -> CA:
     cert_file = directory / f"{name}.crt"
     cert_file.write_bytes(pair.cert_pem)
     return CA(pair=pair, cert_file=cert_file)
+
+
+def issue_client(ca: CA, directory: Path, *, name: str = "clair-notifier") -> Issued:
+    """A client certificate (EKU clientAuth, CN ``name``) signed by ``ca``, as a caller of
+    ``/events/*`` authenticating with ``scan.events.clientCAFile`` presents it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key(ca.pair.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.pair.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / "client.crt", directory / "client.key"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_file.write_bytes(cert_pem)
+    return Issued(cert_file, key_file, cert_pem, cert.not_valid_after_utc)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +48,11 @@ MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES)
 API_HOSTS = {"docker.io": "registry-1.docker.io"}
 DEFAULT_TOKEN_TTL = 60.0  # the token spec's default when expires_in is absent
 TOKEN_MARGIN = 10.0  # renew a little early: a token that expires in flight costs a retry
+# Bounds on what pods can make the client remember: registries seen (the gate resolves any
+# image's registry) and tokens (one per registry and repository scope).
+MAX_HOSTS = 1024
+MAX_TOKENS = 4096
+FAILURE_LOG_INTERVAL = 60.0
 
 ErrorKind = Literal["auth", "not_found", "network", "timeout", "tls", "server", "protocol"]
 
@@ -204,6 +211,54 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+@dataclass(slots=True, eq=False)
+class _Inflight:
+    """One registry fetch, shared by every admission that asked for the same answer."""
+
+    task: asyncio.Future[Any] = field(init=False)
+    waiters: int = 0
+    # It holds (or held) a connection slot: let it finish, its answer is worth caching.
+    started: bool = False
+
+
+_FILL: contextvars.ContextVar[_Inflight | None] = contextvars.ContextVar(
+    "mirrorgate_registry_fill", default=None
+)
+
+
+class _FailureLog:
+    """One warning per registry and kind of failure per interval, with how many it stands for:
+    a failing registry must not turn every abandoned check into an error line."""
+
+    def __init__(self, clock: Callable[[], float], *, interval: float = FAILURE_LOG_INTERVAL):
+        self._clock = clock
+        self.interval = interval
+        self._last: LRUCache[tuple[str, str], list[float]] = LRUCache(MAX_HOSTS)
+
+    def note(self, host: str, err: RegistryError) -> None:
+        if err.kind == "not_found":
+            return  # an answer (the mirror does not have it), not a failure
+        key = (host, err.kind)
+        now = self._clock()
+        seen = self._last.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return
+        log.warning(
+            "registry calls failing",
+            extra={
+                "fields": {
+                    "registry": host[:255],
+                    "kind": err.kind,
+                    "error": str(err)[:300],
+                    "also_failed": int(seen[1]) if seen else 0,
+                    "interval_s": self.interval,
+                }
+            },
+        )
+        self._last[key] = [now, 0]
+
+
 @dataclass(slots=True)
 class _CacheEntry:
     expires: float
@@ -244,16 +299,22 @@ class RegistryClient:
         on_request: Callable[[str, float, str | None], None] | None = None,
     ) -> None:
         self._access_config = dict(registries or {})
-        self._hosts: dict[str, _HostAccess] = {}
+        self._hosts: LRUCache[str, _HostAccess] = LRUCache(MAX_HOSTS)
         self.timeout = timeout
-        self._limit = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
+        # One queue per registry: a registry that hangs fills its own slots, never another's.
+        # Hosts, schemes and tokens are keyed by what pods name (the gate resolves any image's
+        # registry), so they are bounded like the answers.
+        self._limits: LRUCache[str, asyncio.Semaphore] = LRUCache(MAX_HOSTS)
         self.cache_settings = cache or CacheSettings()
         self._cache: LRUCache[tuple[str, ...], _CacheEntry] = LRUCache(
             self.cache_settings.max_entries
         )
-        self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
-        self._schemes: dict[str, str] = {}  # host -> "basic" | "bearer" | "none", learned
+        self._inflight: dict[tuple[str, ...], _Inflight] = {}
+        self._tokens: LRUCache[tuple[str, str], tuple[str, float]] = LRUCache(MAX_TOKENS)
+        # host -> "basic" | "bearer" | "none", learned
+        self._schemes: LRUCache[str, str] = LRUCache(MAX_HOSTS)
+        self._failures = _FailureLog(clock)
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._on_request = on_request
@@ -371,20 +432,41 @@ class RegistryClient:
                 raise entry.error
             return entry.value
         self.stats.cache_misses += 1
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._fill(key, fetch))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
-        # shield: a caller that gives up (admission budget) must not cancel the others' request.
-        return await asyncio.shield(future)
+        fill = self._inflight.get(key)
+        if fill is None:
+            fill = _Inflight()
+            fill.task = asyncio.ensure_future(self._fill(key, fetch, fill))
+            self._inflight[key] = fill
+            fill.task.add_done_callback(functools.partial(self._filled, key, fill))
+        fill.waiters += 1
+        try:
+            # shield: a caller that gives up (admission budget) must not cancel the others'
+            # request; one that is already talking to the registry finishes and fills the cache.
+            return await asyncio.shield(fill.task)
+        finally:
+            fill.waiters -= 1
+            if fill.waiters == 0 and not fill.started and not fill.task.done():
+                # Still queued for a slot of a busy registry and nobody waits for the answer:
+                # drop it, or one pod with thousands of images keeps the queue full for minutes.
+                self._inflight.pop(key, None)
+                fill.task.cancel()
 
-    async def _fill(self, key: tuple[str, ...], fetch: Callable[[], Awaitable[Any]]) -> Any:
+    def _filled(self, key: tuple[str, ...], fill: _Inflight, task: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is fill:
+            self._inflight.pop(key)
+        if not task.cancelled():
+            task.exception()  # retrieved: an answer nobody awaited is cached, not logged as lost
+
+    async def _fill(
+        self, key: tuple[str, ...], fetch: Callable[[], Awaitable[Any]], fill: _Inflight
+    ) -> Any:
+        _FILL.set(fill)  # this task's context only: _slot marks it started
         settings = self.cache_settings
         try:
             value = await fetch()
         except RegistryError as err:
             self._store(key, _CacheEntry(self._clock() + settings.negative_ttl, None, err))
+            self._failures.note(key[1], err)
             raise
         self._store(key, _CacheEntry(self._clock() + settings.positive_ttl, value))
         if key[0] == "get" and isinstance(value, Manifest) and key[3] != value.digest:
@@ -614,6 +696,18 @@ class RegistryClient:
 
     # --- transport and auth --------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, host: str) -> AsyncIterator[None]:
+        """One of ``max_concurrency`` connections to ``host``; marks a shared fetch as started."""
+        limit = self._limits.get(host)
+        if limit is None:
+            limit = self._limits[host] = asyncio.Semaphore(self.max_concurrency)
+        async with limit:
+            fill = _FILL.get()
+            if fill is not None:
+                fill.started = True
+            yield
+
     async def _request(
         self,
         method: str,
@@ -666,7 +760,7 @@ class RegistryClient:
         self.stats.count(operation)
         try:
             async with (
-                self._limit,
+                self._slot(access.host),
                 self.session.request(
                     method,
                     url,
@@ -748,7 +842,7 @@ class RegistryClient:
         self.stats.count("token")
         try:
             async with (
-                self._limit,
+                self._slot(host),
                 self.session.get(
                     realm,
                     params=query,

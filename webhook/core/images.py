@@ -44,6 +44,10 @@ OFFICIAL_REPO_PREFIX = "library/"
 LOCALHOST = "localhost"
 REPOSITORY_PATH_MAX = 255
 TAG_MAX = 128
+# Longer than any reference distribution parses (a 253-character host with a port, a 255-character
+# path, a 128-character tag and a sha512 digest come to about 780): refused before any pattern
+# work, and never kept in a cache, so hostile megabyte-long "images" cost nothing to keep.
+REFERENCE_MAX = 1024
 
 # --- grammar (github.com/distribution/reference regexp.go) -------------------------------
 
@@ -249,6 +253,10 @@ def parse_reference(text: str) -> ImageReference:
     """
     if not text:
         raise _invalid("reference", text, "reference is empty")
+    if len(text) > REFERENCE_MAX:
+        raise _invalid(
+            "reference", text, f"no image reference is longer than {REFERENCE_MAX} characters"
+        )
     if _WHITESPACE_RE.search(text):
         raise _invalid("reference", text, "must not contain whitespace")
     if _IDENTIFIER_RE.fullmatch(text):

@@ -21,7 +21,12 @@ import orjson
 from cachetools import LRUCache
 
 from mirrorgate.webhook.core.config import Config
-from mirrorgate.webhook.core.images import InvalidReferenceError, parse_reference, with_mirror
+from mirrorgate.webhook.core.images import (
+    REFERENCE_MAX,
+    InvalidReferenceError,
+    parse_reference,
+    with_mirror,
+)
 
 ORIGINALS_ANNOTATION = "mirrorgate.io/original-images"
 # container name -> the digest pinDigests resolved at admission (the image then ends in @digest).
@@ -95,7 +100,7 @@ def decide_image(image: str, config: Config, checks: Checks | None = None) -> Im
     """Memoized per config for the offline decision (``checks`` None): a config never changes
     after loading and a decision is a pure function of the image and the config."""
     global _memo
-    if checks is not None:
+    if checks is not None or len(image) > REFERENCE_MAX:
         return _decide_image(image, config, checks)
     memo = _memo
     if memo is None or memo[0] is not config:

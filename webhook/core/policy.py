@@ -23,6 +23,7 @@ Outcome = Literal["pass", "fail", "pending", "unavailable"]
 OUTCOME_RANK: dict[Outcome, int] = {"pass": 0, "pending": 1, "unavailable": 2, "fail": 3}
 SEVERITY_RANK: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 SHOWN_FINDINGS = 5
+SHOWN_IMAGE = 200
 _CVE = re.compile(r"CVE-\d{4}-\d{4,}")
 # RHSA-2023:5837, GHSA-jq35-85cj-fj4p, DSA-5678-1, ALAS2-2024-001 ...
 _ADVISORY = re.compile(r"[A-Z][A-Z0-9]*-[0-9A-Za-z][0-9A-Za-z:.-]*")
@@ -220,7 +221,7 @@ def decide(
         decision.audit[f"image-{i}"] = _audit_value(iv)
         for entry in {e.id: e for p in (iv.platforms or (v,)) for e in p.expired}.values():
             decision.warnings.append(
-                f"mirrorgate: exception {entry.id} for {iv.image} expired on "
+                f"mirrorgate: exception {entry.id} for {_shown(iv.image)} expired on "
                 f"{entry.until.isoformat()} and no longer applies"
             )
         action = _action(v.outcome, policy)
@@ -254,14 +255,16 @@ def _action(outcome: Outcome, policy: ScanSettings) -> str:
 def explain(iv: ImageVerdict, policy: ScanSettings, *, clair_url: str = "") -> str:
     """The text a kubectl user reads for a non-passing image."""
     v = iv.verdict
-    where = f"{iv.image} ({_short_digest(v.digest)}{', ' + v.platform if v.platform else ''})"
+    where = (
+        f"{_shown(iv.image)} ({_short_digest(v.digest)}{', ' + v.platform if v.platform else ''})"
+    )
     if v.outcome == "pending":
         return (
             f"image {where} has not been scanned yet: scan in progress, the controller will "
             f"retry{': ' + v.detail if v.detail else ''}"
         )
     if v.outcome == "unavailable":
-        return f"image {iv.image} could not be checked: {v.detail or 'scanner unavailable'}"
+        return f"image {_shown(iv.image)} could not be checked: {v.detail or 'scanner unavailable'}"
     shown = v.findings[:SHOWN_FINDINGS]
     lines = [
         f"image {where} has {len(v.findings)} "
@@ -274,7 +277,7 @@ def explain(iv: ImageVerdict, policy: ScanSettings, *, clair_url: str = "") -> s
     first = v.findings[0].id if v.findings else "ID"
     lines.append(
         f"  To accept a finding until it is fixed, add to scan.allow: {{id: {first}, "
-        f'images: ["{_glob_for(iv.image)}"], until: YYYY-MM-DD, reason: "..."}}'
+        f'images: ["{_shown(_glob_for(iv.image))}"], until: YYYY-MM-DD, reason: "..."}}'
     )
     return "\n".join(lines)
 
@@ -288,6 +291,13 @@ def _glob_for(image: str) -> str:
     return f"{name}*"
 
 
+def _shown(image: str) -> str:
+    """An image as the messages show it: printable, and a hostile one cut to a readable length
+    (a valid reference is never that long)."""
+    text = "".join(c if c.isprintable() else "?" for c in image[: SHOWN_IMAGE + 1])
+    return text if len(text) <= SHOWN_IMAGE else text[: SHOWN_IMAGE - 3] + "..."
+
+
 def _short_digest(digest: str) -> str:
     return digest[:19] + "..." if len(digest) > 19 else (digest or "digest unknown")
 
@@ -299,4 +309,4 @@ def _one_line(text: str) -> str:
 def _audit_value(iv: ImageVerdict) -> str:
     v = iv.verdict
     worst_sev = f" worst={v.worst_severity}" if v.outcome == "fail" else ""
-    return f"{iv.image} {v.outcome}{worst_sev} {v.digest}".strip()
+    return f"{_shown(iv.image)} {v.outcome}{worst_sev} {v.digest}".strip()

@@ -27,6 +27,17 @@ from mirrorgate.webhook.core.mutation import (
 API_VERSION = "admission.k8s.io/v1"
 MAX_BODY_BYTES = 3 * 1024 * 1024
 MUTATED_OPERATIONS = ("CREATE", "UPDATE")
+# Work per review is bounded by what a review may hold: pods far past any real one (the API server
+# itself caps nothing but the object's size) are refused before any decision is made.
+MAX_CONTAINERS = 1000
+MAX_VOLUMES = 1000
+# What the API server passes on to kubectl (k8s.io/apiserver's warning recorder): printable text,
+# 4 KiB in all before it starts cutting each warning to 256 characters; so each is kept to 512
+# and the list to 4 KiB, the rest counted in a last line.
+WARNING_MAX = 512
+WARNINGS_TOTAL_MAX = 4096
+MESSAGE_MAX = 8192
+AUDIT_VALUE_MAX = 1024
 
 
 class BadReviewError(ValueError):
@@ -90,10 +101,101 @@ def parse_review(body: bytes | str) -> AdmissionRequest:
         operation=str(req.get("operation", "")),
         namespace=req.get("namespace") if isinstance(req.get("namespace"), str) else None,
         name=req.get("name") if isinstance(req.get("name"), str) else None,
-        obj=req.get("object"),
-        old_obj=req.get("oldObject"),
-        dry_run=bool(req.get("dryRun", False)),
+        obj=_checked_object(req.get("object"), "request.object"),
+        old_obj=_checked_object(req.get("oldObject"), "request.oldObject"),
+        dry_run=req.get("dryRun") is True,
     )
+
+
+def _checked_object(obj: Any, where: str) -> Any:
+    """``obj`` when the parts mirrorgate reads have the types the API server gives them.
+
+    The API server decodes every object into its typed struct before calling a webhook, so a
+    review whose pod has a number for an image, or a list for its annotations, is not from it:
+    BadReviewError names the first such field, once, here, and nothing after this point has to
+    guess. Fields mirrorgate never reads are not looked at.
+    """
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise BadReviewError(f"{where}: expected an object, got {_kind(obj)}")
+    meta = obj.get("metadata")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise BadReviewError(f"{where}.metadata: expected an object, got {_kind(meta)}")
+        for key in ("name", "namespace", "generateName"):
+            _optional(meta.get(key), str, f"{where}.metadata.{key}")
+        for key in ("annotations", "labels"):
+            _string_map(meta.get(key), f"{where}.metadata.{key}")
+    if "ephemeralContainers" in obj and "spec" not in obj:  # EphemeralContainers (1.20, 1.21)
+        _containers(obj, "ephemeralContainers", where)
+        return obj
+    spec = obj.get("spec")
+    if spec is None:
+        return obj
+    if not isinstance(spec, dict):
+        raise BadReviewError(f"{where}.spec: expected an object, got {_kind(spec)}")
+    count = 0
+    for fld in CONTAINER_FIELDS:
+        count += _containers(spec, fld, f"{where}.spec")
+    if count > MAX_CONTAINERS:
+        raise BadReviewError(
+            f"{where}.spec has {count} containers; mirrorgate reviews pods of up to "
+            f"{MAX_CONTAINERS}"
+        )
+    secrets = _optional(spec.get("imagePullSecrets"), list, f"{where}.spec.imagePullSecrets")
+    for i, ref in enumerate(secrets or ()):
+        if not isinstance(ref, dict):
+            raise BadReviewError(
+                f"{where}.spec.imagePullSecrets[{i}]: expected an object, got {_kind(ref)}"
+            )
+        _optional(ref.get("name"), str, f"{where}.spec.imagePullSecrets[{i}].name")
+    volumes = _optional(spec.get("volumes"), list, f"{where}.spec.volumes")
+    if volumes is not None and len(volumes) > MAX_VOLUMES:
+        raise BadReviewError(
+            f"{where}.spec has {len(volumes)} volumes; mirrorgate reviews pods of up to "
+            f"{MAX_VOLUMES}"
+        )
+    return obj
+
+
+def _containers(parent: dict[str, Any], fld: str, where: str) -> int:
+    items = _optional(parent.get(fld), list, f"{where}.{fld}")
+    for i, c in enumerate(items or ()):
+        if not isinstance(c, dict):
+            raise BadReviewError(f"{where}.{fld}[{i}]: expected an object, got {_kind(c)}")
+        _optional(c.get("name"), str, f"{where}.{fld}[{i}].name")
+        _optional(c.get("image"), str, f"{where}.{fld}[{i}].image")
+    return len(items or ())
+
+
+def _optional(value: Any, kind: type, where: str) -> Any:
+    if value is not None and not isinstance(value, kind):
+        raise BadReviewError(f"{where}: expected {_KIND_NAMES[kind]}, got {_kind(value)}")
+    return value
+
+
+def _string_map(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise BadReviewError(f"{where}: expected a map of strings, got {_kind(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise BadReviewError(f"{where}[{_short(key)}]: expected a string, got {_kind(item)}")
+
+
+_KIND_NAMES: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
 def review_mutation(
@@ -206,12 +308,42 @@ def build_response(
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(orjson.dumps(patch)).decode("ascii")
     if warnings:
-        response["warnings"] = list(warnings)
+        response["warnings"] = bounded_warnings(warnings)
     if status:
+        if isinstance(status.get("message"), str):
+            status = {**status, "message": printable(status["message"], MESSAGE_MAX, lines=True)}
         response["status"] = status
     if audit_annotations:
-        response["auditAnnotations"] = dict(audit_annotations)
+        response["auditAnnotations"] = {
+            k: printable(v, AUDIT_VALUE_MAX) for k, v in audit_annotations.items()
+        }
     return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def printable(text: str, limit: int, *, lines: bool = False) -> str:
+    """``text`` with control characters (newlines too, unless ``lines``) shown as ``?`` and cut
+    to ``limit`` characters: the API server drops a warning that is not printable."""
+    if len(text) > limit:
+        text = text[: limit - 14] + "... (truncated)"
+    if text.isprintable():
+        return text
+    keep = "\n" if lines else ""
+    return "".join(c if (c.isprintable() or c in keep) else "?" for c in text)
+
+
+def bounded_warnings(warnings: list[str]) -> list[str]:
+    """Each warning printable and at most WARNING_MAX characters, at most WARNINGS_TOTAL_MAX in
+    all; what does not fit is counted in a last line instead of being cut by the API server."""
+    out: list[str] = []
+    total = 0
+    for i, warning in enumerate(warnings):
+        text = printable(warning, WARNING_MAX)
+        if total + len(text) > WARNINGS_TOTAL_MAX - 100:
+            out.append(f"mirrorgate: {len(warnings) - i} more warnings not shown (see its log)")
+            break
+        out.append(text)
+        total += len(text)
+    return out
 
 
 def _object(value: Any) -> dict[str, Any]:

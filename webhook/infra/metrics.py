@@ -42,6 +42,29 @@ class CacheLookups:
         yield family
 
 
+# Namespaces named by requests become label values only this many times; the rest are "other".
+MAX_NAMESPACE_LABELS = 1000
+OTHER = "other"
+
+
+class BoundedLabel:
+    """Label values that come from requests (a namespace): the first ``limit`` distinct ones, and
+    ``other`` for the rest and for values the cluster does not know (``known`` says None), so
+    no client can add series at will."""
+
+    def __init__(self, limit: int = MAX_NAMESPACE_LABELS) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def __call__(self, value: str, *, known: Callable[[str], object | None] | None = None) -> str:
+        if value in self._kept:
+            return value
+        if len(self._kept) >= self.limit or (known is not None and known(value) is None):
+            return OTHER
+        self._kept.add(value)
+        return value
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -121,10 +144,12 @@ class Metrics:
         self.images_rejected = Counter(
             "mirrorgate_images_rejected",
             "Images the vulnerability gate rejected (or, in audit mode, would have), by reason: "
-            "fail, pending, unavailable.",
+            f"fail, pending, unavailable; namespace is {OTHER!r} past {MAX_NAMESPACE_LABELS} "
+            "namespaces and for namespaces the cluster does not have.",
             ["namespace", "reason"],
             registry=r,
         )
+        self.rejected_namespace = BoundedLabel()
         self.scan_verdicts = Counter(
             "mirrorgate_scan_verdicts",
             "Image verdicts at admission, by outcome and worst blocking severity.",

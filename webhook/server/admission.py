@@ -36,14 +36,18 @@ async def review_mutate(request: web.Request, req: AdmissionRequest, started: fl
     metrics = request.app[METRICS]
     settings = request.app[SETTINGS]
     config = settings.config
+    # The budget holds for the whole answer: it runs from when the request was taken up, and
+    # what the first pass cost is kept back for the second one after the mirror check.
+    deadline = started + admission_budget(request, config.verify_timeout)
     result = review_mutation(req, config, own_namespace=settings.own_namespace)
     verifier = request.app.get(VERIFIER)
     candidates = mirror_candidates(result) if verifier is not None else []
     if verifier is not None and candidates:
+        now = time.perf_counter()
         # Second pass with what the mirror said: fall back or pin digests.
         checks = await verifier.check_all(
             candidates,
-            budget=admission_budget(request, config.verify_timeout),
+            budget=max(0.01, deadline - now - (now - started)),
             allow_copy=not req.dry_run,
         )
         # The first pass assumed every mirror can serve; with that confirmed and no digests

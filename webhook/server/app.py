@@ -27,6 +27,8 @@ from mirrorgate.webhook.core.reviews import MAX_BODY_BYTES
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server.admission import handle_mutate
 from mirrorgate.webhook.server.gate import add_gate
+from mirrorgate.webhook.server.http import server_options
+from mirrorgate.webhook.server.listener import STATUS, ServeStatus, track_requests
 from mirrorgate.webhook.server.state import (
     METRICS,
     NAMESPACE_LABELS,
@@ -42,9 +44,15 @@ __all__ = ["Settings", "create_app", "create_metrics_app"]
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    # One byte over the limit so that aiohttp's own check fires only for bodies we must refuse.
-    app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+    # One byte over the limit so that aiohttp's own check fires only for bodies we must refuse;
+    # the server options (no inflating behind our back, short keep-alive) travel with the app.
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES + 1,
+        handler_args=server_options(settings.idle_timeout),
+        middlewares=[track_requests],
+    )
     app[SETTINGS] = settings
+    app[STATUS] = ServeStatus()
     app[METRICS] = metrics if metrics is not None else Metrics()
     if settings.config.needs_registry or settings.config.scan is not None:
         app.cleanup_ctx.append(_registry_client_ctx)
@@ -56,7 +64,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.router.add_post("/mutate", handle_mutate)
     add_gate(app, settings.config, app[METRICS], own_namespace=settings.own_namespace)
     app.router.add_get("/healthz", handle_health)
-    app.router.add_get("/readyz", handle_health)
+    app.router.add_get("/readyz", handle_ready)
     return app
 
 
@@ -156,4 +164,10 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    if request.app[STATUS].draining:
+        return web.Response(status=503, text="draining: shutting down\n")
     return web.Response(text="ok\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,9 +32,16 @@ from mirrorgate.webhook.server.http import (
     Answer,
     admission_budget,
     admission_endpoint,
+    bad_request,
     read_review_body,
+    refuse,
 )
-from mirrorgate.webhook.server.state import NAMESPACE_LABELS, REGISTRY, SCANNER
+from mirrorgate.webhook.server.state import (
+    NAMESPACE_LABELS,
+    REGISTRY,
+    SCANNER,
+    NamespaceLabelsLookup,
+)
 from mirrorgate.webhook.services.scanner import Scanner
 
 log = get_logger("gate")
@@ -85,11 +93,16 @@ class _Gate:
         if not images:
             return Answer(build_response(req.uid), "allowed")
         scanner = request.app[SCANNER]
-        budget = admission_budget(request, self.policy.admission_budget)
-        verdicts = await scanner.verdicts(images, budget=budget)
+        # From when the request was taken up, less what deciding and answering will cost (about
+        # what it took to get here), so the whole answer fits scan.admissionBudget.
+        now = time.perf_counter()
+        deadline = started + admission_budget(request, self.policy.admission_budget)
+        verdicts = await scanner.verdicts(
+            images, budget=max(0.01, deadline - now - (now - started))
+        )
         mode = self._mode(request, req.namespace)
         decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
-        self._count(req, verdicts, decision)
+        self._count(req, verdicts, decision, known=request.app.get(NAMESPACE_LABELS))
         status = None
         if not decision.allowed:
             status = {"code": 403, "reason": "Forbidden", "message": decision.message}
@@ -110,7 +123,12 @@ class _Gate:
         return mode if mode in ("enforce", "audit") else self.policy.mode
 
     def _count(
-        self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision
+        self,
+        req: AdmissionRequest,
+        verdicts: list[ImageVerdict],
+        decision: Decision,
+        *,
+        known: NamespaceLabelsLookup | None,
     ) -> None:
         counts: dict[tuple[str, str], int] = {}
         for iv in verdicts:
@@ -118,8 +136,10 @@ class _Gate:
             counts[key] = counts.get(key, 0) + 1
         for (outcome, severity), n in counts.items():
             self.metrics.child(self.metrics.scan_verdicts, outcome, severity).inc(n)
+        if decision.rejected:
+            namespace = self.metrics.rejected_namespace(req.namespace or "", known=known)
         for _image, outcome in decision.rejected:
-            self.metrics.images_rejected.labels(req.namespace or "", outcome).inc()
+            self.metrics.images_rejected.labels(namespace, outcome).inc()
 
     def _log(
         self, req: AdmissionRequest, verdicts: list[ImageVerdict], decision: Decision, mode: str
@@ -179,11 +199,12 @@ class _Gate:
             return web.Response(status=401, text="unauthorized\n")
         try:
             body = json.loads(await read_review_body(request))
-            notification_id = str(body["notification_id"])
-            callback = str(body["callback"])
+            notification_id, callback = body["notification_id"], body["callback"]
+            if not isinstance(notification_id, str) or not isinstance(callback, str):
+                raise TypeError("not strings")
         except (ValueError, KeyError, TypeError, BadReviewError):
             self.metrics.scan_events.labels("clair", "bad_request").inc()
-            return web.Response(status=400, text="expected {notification_id, callback}\n")
+            return refuse(request, bad_request("expected {notification_id, callback} strings"))
         # Only ever follow callbacks to the configured Clair: the body must not make mirrorgate
         # send its Clair credentials anywhere else.
         if not callback.startswith(self.policy.clair.url + "/"):
@@ -200,11 +221,11 @@ class _Gate:
             return web.Response(status=401, text="unauthorized\n")
         try:
             envelope = json.loads(await read_review_body(request))
-            if not isinstance(envelope, dict):
-                raise ValueError("not an object")
+            if not isinstance(envelope, dict) or not isinstance(envelope.get("events", []), list):
+                raise ValueError("not an envelope")
         except (ValueError, BadReviewError):
             self.metrics.scan_events.labels("registry", "bad_request").inc()
-            return web.Response(status=400, text="expected a notification envelope\n")
+            return refuse(request, bad_request("expected a notification envelope: {events: [...]}"))
         queued = request.app[SCANNER].handle_registry_events(envelope)
         self.metrics.scan_events.labels("registry", "accepted").inc()
         return web.json_response({"queued": queued})

@@ -10,9 +10,11 @@ a log line, and every answer is counted in ``mirrorgate_admission_requests_total
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 import urllib.parse
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,19 @@ from mirrorgate.webhook.server.state import METRICS
 
 log = get_logger("admission")
 RESPONSE_MARGIN = 0.5
+# The API server sends a review in one go; a body that trickles in is a client to let go of.
+BODY_TIMEOUT = 5.0
+# Idle keep-alive connections, and connections that never finish sending their headers (aiohttp's
+# keep-alive timer covers both), are closed after this long (serve --idle-timeout); aiohttp's own
+# default is an hour.
+IDLE_TIMEOUT = 30.0
+
+
+def server_options(idle_timeout: float = IDLE_TIMEOUT) -> dict[str, Any]:
+    """What the aiohttp server runs with (its handler keywords): no inflating behind the
+    handlers' backs (read_review_body does it, bounded), the idle timeout above, and a refused
+    body drained for at most a second."""
+    return {"auto_decompress": False, "keepalive_timeout": idle_timeout, "lingering_time": 1.0}
 
 
 @dataclass(slots=True)
@@ -57,9 +72,9 @@ def admission_endpoint(webhook: str, review: Review) -> Callable[[web.Request], 
             metrics.admission_requests.labels(webhook, "other", "bad_request").inc()
             log.warning(
                 "malformed admission review",
-                extra={"fields": {"webhook": webhook, "reason": str(err)}},
+                extra={"fields": {"webhook": webhook, "reason": str(err)[:300]}},
             )
-            return bad_request(str(err))
+            return refuse(request, bad_request(str(err)))
         operation = metrics.operation_label(req.operation)
         try:
             answer = await review(request, req, started)
@@ -81,14 +96,80 @@ def bad_request(reason: str) -> web.Response:
     return web.Response(status=400, text=reason.replace("\n", " ") + "\n")
 
 
+def refuse(request: web.Request, response: web.Response) -> web.Response:
+    """``response``, closing the connection after it when the body was not read to its end: the
+    rest of a refused body is never read, let alone inflated."""
+    if not request.content.at_eof():
+        response.force_close()
+    return response
+
+
 async def read_review_body(request: web.Request) -> bytes:
-    """The request body, or BadReviewError when it is over the AdmissionReview size limit."""
+    """The request body, decompressed, or BadReviewError (a one-line reason for a 400).
+
+    The server runs with aiohttp's own decompression off (``server_options``): a gzip or deflate
+    body is inflated here, a chunk at a time, and reading stops the moment the raw or the
+    inflated size passes ``MAX_BODY_BYTES``, so a compression bomb costs at most that much work.
+    The whole body must arrive within ``BODY_TIMEOUT``. After a refusal the connection is closed
+    rather than drained (``refuse``), so nothing goes on inflating or reading it.
+    """
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in DECODERS:
+        raise BadReviewError(
+            f"unsupported Content-Encoding {encoding[:40]!r} (identity, gzip or deflate)"
+        )
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+    inflate = DECODERS[encoding]()
+    raw = 0
+    body = bytearray()
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes") from err
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.content.iter_any():
+                raw += len(chunk)
+                if raw > MAX_BODY_BYTES:
+                    raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes")
+                body += inflate(chunk, MAX_BODY_BYTES + 1 - len(body))
+                if len(body) > MAX_BODY_BYTES:
+                    raise BadReviewError(
+                        f"request body exceeds {MAX_BODY_BYTES} bytes once decompressed"
+                    )
+            body += inflate(b"", MAX_BODY_BYTES + 1 - len(body))
+    except TimeoutError as err:
+        raise BadReviewError(f"request body not received within {BODY_TIMEOUT:g}s") from err
+    except zlib.error as err:
+        raise BadReviewError(f"body is not valid {encoding}: {err}") from err
+    if len(body) > MAX_BODY_BYTES:
+        raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes once decompressed")
+    return bytes(body)
+
+
+class _Inflater:
+    """zlib with a bound on what one call may produce: ``inflate(chunk, room)``."""
+
+    def __init__(self, wbits: int) -> None:
+        self._z = zlib.decompressobj(wbits)
+
+    def __call__(self, chunk: bytes, room: int) -> bytes:
+        data = self._z.unconsumed_tail + chunk
+        out = self._z.decompress(data, max(room, 1))
+        if chunk == b"" and not self._z.eof and not self._z.unconsumed_tail:
+            raise zlib.error("the compressed stream ends early")
+        return out
+
+
+def _identity() -> Callable[[bytes, int], bytes]:
+    return lambda chunk, _room: chunk
+
+
+# gzip (wbits 16+15) and deflate as HTTP means it: zlib-wrapped (wbits 15); identity passes.
+DECODERS: dict[str, Callable[[], Callable[[bytes, int], bytes]]] = {
+    "identity": _identity,
+    "": _identity,
+    "gzip": lambda: _Inflater(16 + zlib.MAX_WBITS),
+    "x-gzip": lambda: _Inflater(16 + zlib.MAX_WBITS),
+    "deflate": lambda: _Inflater(zlib.MAX_WBITS),
+}
 
 
 def admission_budget(request: web.Request, configured: float) -> float:

@@ -28,6 +28,8 @@ class Settings:
     kubernetes: bool = False
     # Renew the serving certificate in the cluster (serve as `mirrorgate deploy` installed it).
     cert_renewal: CertRenewal | None = None
+    # How long a connection may sit idle, or take over its request headers (serve --idle-timeout).
+    idle_timeout: float = 30.0
 
 
 # Returns the namespace's labels, or None when unknown (no namespace cache in this process).

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
+from cachetools import LRUCache
+
 from mirrorgate.webhook.adapters.registry import Manifest, RegistryClient, RegistryError
 from mirrorgate.webhook.core.config import Config, Mirror
 from mirrorgate.webhook.core.images import ImageReference, InvalidReferenceError, parse_reference
@@ -142,8 +144,8 @@ class MirrorVerifier:
         self._on_copy = on_copy
         # With the gate on, /validate needs the manifest itself next: one GET serves both.
         self._op = "get" if config.scan else "head"
-        self._locations: dict[str, tuple[str, str, str]] = {}
-        self._ok: dict[str, MirrorCheck] = {}
+        self._locations: LRUCache[str, tuple[str, str, str]] = LRUCache(_MEMO_LIMIT)
+        self._ok: LRUCache[str, MirrorCheck] = LRUCache(_MEMO_LIMIT)
 
     async def check_all(
         self, candidates: Iterable[str], *, budget: float, allow_copy: bool = True
@@ -188,16 +190,12 @@ class MirrorVerifier:
                 where = location(parse_reference(candidate))
             except InvalidReferenceError:
                 return None
-            if len(self._locations) >= _MEMO_LIMIT:
-                self._locations.clear()
             self._locations[candidate] = where
         manifest = self.client.cached_manifest(*where, op=self._op)
         if manifest is None:
             return None
         check = self._ok.get(manifest.digest)
         if check is None:
-            if len(self._ok) >= _MEMO_LIMIT:
-                self._ok.clear()
             check = self._ok[manifest.digest] = MirrorCheck(ok=True, digest=manifest.digest)
         return check
 

@@ -17,7 +17,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 from cachetools import LRUCache
 
@@ -409,13 +409,16 @@ class Scanner:
         for event in envelope.get("events") or []:
             if not isinstance(event, dict) or event.get("action") != "push":
                 continue
-            target = event.get("target") or {}
+            target = event.get("target")
+            if not isinstance(target, dict):
+                continue
             media_type = target.get("mediaType")
             digest, repo, url = target.get("digest"), target.get("repository"), target.get("url")
-            if media_type not in MANIFEST_TYPES or not digest or not repo:
+            if media_type not in MANIFEST_TYPES or not _text(digest) or not _text(repo):
                 continue
-            host = _host_of(url) or (event.get("request") or {}).get("host")
-            if not host:
+            request = event.get("request")
+            host = _host_of(url) or (request.get("host") if isinstance(request, dict) else None)
+            if not _text(host):
                 continue
             self._spawn(self._scan_pushed(host, repo, digest))
             queued += 1
@@ -448,6 +451,11 @@ class Scanner:
                 *self._background, *self._indexing.values(), return_exceptions=True
             )
             await asyncio.sleep(0)
+
+
+def _text(value: Any) -> TypeGuard[str]:
+    """A non-empty string of a sane length (a digest, a repository, a host)."""
+    return isinstance(value, str) and 0 < len(value) <= 1024
 
 
 def _host_of(url: Any) -> str | None:
