@@ -37,13 +37,17 @@ from typing import Any, Self
 from mirrorgate.certs.pki import generate_ca, issue_serving
 from mirrorgate.deploy.config import load_config
 from mirrorgate.deploy.webhooks import mutating_webhook_configuration
+from mirrorgate.devtools.images import app_image, push_image
 from mirrorgate.devtools.localcluster import (
     ControlPlane,
+    Kubectl,
     LocalClusterError,
     LocalRegistry,
+    find_kubectl,
     free_port,
 )
-from mirrorgate.webhook.adapters.kube import SyncKube, collection_path, secret_path
+from mirrorgate.devtools.node import LocalNode, NodeUnavailableError, node_unavailable_reason
+from mirrorgate.webhook.adapters.kube import SyncKube, collection_path, resource_path, secret_path
 from mirrorgate.webhook.adapters.registry import RegistryClient
 from mirrorgate.webhook.core.config import RegistryAccess
 from mirrorgate.webhook.core.mutation import ORIGINALS_ANNOTATION, decide_image
@@ -205,7 +209,12 @@ DEMO_PODS: list[dict[str, Any]] = [
         "metadata": {"name": "storefront", "namespace": "shop", "labels": {"app": "storefront"}},
         "spec": {
             "initContainers": [
-                {"name": "migrate", "image": "ghcr.io/acme/storefront-migrations:2.3.1"}
+                {
+                    "name": "migrate",
+                    "image": "ghcr.io/acme/storefront-migrations:2.3.1",
+                    # An init container must finish: it prints its line and exits.
+                    "command": ["/bin/sh", "-c", 'echo "$APP_LINE (done)"'],
+                }
             ],
             "containers": [
                 {"name": "web", "image": "nginx:1.25.3"},
@@ -306,6 +315,7 @@ def demo_image(name: str) -> tuple[bytes, bytes, bytes]:
 
 
 async def push_demo_images(host: str, access: RegistryAccess) -> None:
+    """Tiny images that only exist to be admitted (no node here: nothing runs them)."""
     async with RegistryClient({host: access}) as client:
         for ref in DEMO_MIRRORED:
             repository, _, tag = ref.partition(":")
@@ -317,6 +327,13 @@ async def push_demo_images(host: str, access: RegistryAccess) -> None:
             )
 
 
+def push_runnable_images(host: str, *, username: str, password: str) -> None:
+    """For the node: a busybox app per mirrored image, built locally, printing which it is."""
+    for ref in DEMO_MIRRORED:
+        image = app_image(line=f"{ref} from the mirror: up and running", reference=f"demo/{ref}")
+        push_image(image, f"{host}/{ref}", username=username, password=password)
+
+
 def add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
@@ -324,17 +341,20 @@ def add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
             """\
-            Start a real kube-apiserver + etcd and a real docker-registry on 127.0.0.1, run
+            Start a real kube-apiserver + etcd, a real node (containerd, kubelet, kube-proxy,
+            scheduler, controller-manager) and a real docker-registry on 127.0.0.1, run
             `mirrorgate serve` with a fresh certificate, register it with the API server, create an
-            opted-in namespace and a few pods, and print what the API server stored: images before
-            and after, pull secrets, and the warnings a kubectl user would see.
+            opted-in namespace and a few pods, and print what the API server stored (images before
+            and after, pull secrets, the warnings a kubectl user would see) and what the node did
+            with them (pod phase, container state, the registry each image was pulled from).
 
-            Real: the API server, its admission chain, TLS, the stored objects, the registry.
-            Not real: there is no scheduler or kubelet, so pods are admitted and stored, never run
-            and never pulled.
+            Everything is real; only the internet is out of reach, so images the mirror does not
+            have cannot be pulled. Where no node can run (not root, no cgroup v1, missing Debian
+            packages) the demo says why and shows admission only.
 
-            Needs kube-apiserver and etcd: $KUBEBUILDER_ASSETS, or run scripts/control-plane-assets
-            once (builds and caches them); and Debian's docker-registry."""
+            Needs the Kubernetes binaries (scripts/control-plane-assets builds and caches them;
+            $KUBEBUILDER_ASSETS with kube-apiserver and etcd runs admission only) and Debian's
+            docker-registry; scripts/setup installs everything."""
         ),
     )
     demo.add_argument(
@@ -362,6 +382,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with ExitStack() as stack:
             _step(out, "starting kube-apiserver + etcd (real, v1.20)")
             plane = stack.enter_context(ControlPlane(workdir / "control-plane"))
+            no_node = node_unavailable_reason()
+            if no_node is None:
+                _step(out, "starting a node: containerd, kubelet, kube-proxy, scheduler (v1.20)")
+                try:
+                    stack.enter_context(LocalNode(plane, workdir / "node"))
+                except NodeUnavailableError as err:
+                    no_node = str(err)
+            if no_node is not None:
+                _step(out, f"no node on this machine ({no_node}): pods are admitted, not run")
             _step(out, "starting docker-registry as the mirror (real, plain HTTP on 127.0.0.1)")
             password = secrets.token_urlsafe(18)
             registry = stack.enter_context(
@@ -382,20 +411,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             config = load_config(config_file)
             _step(out, "pushing " + ", ".join(DEMO_MIRRORED) + " to the mirror")
-            asyncio.run(push_demo_images(registry.host, config.registries[registry.host]))
+            if no_node is None:
+                push_runnable_images(registry.host, username="mirrorgate", password=password)
+            else:
+                asyncio.run(push_demo_images(registry.host, config.registries[registry.host]))
             _step(out, f"starting mirrorgate serve with {config_file}")
             kube = stack.enter_context(SyncKube(plane.api_client()))
             # serve holds its lease in its own namespace, which must exist.
             kube.create(NAMESPACES, {"metadata": {"name": DEMO_OWN_NAMESPACE}})
             env = {"KUBECONFIG": str(plane.kubeconfig), "POD_NAMESPACE": DEMO_OWN_NAMESPACE}
             webhook = stack.enter_context(LocalWebhook(workdir / "webhook", config_file, env=env))
-            _run_demo(out, kube, webhook, registry, password)
+            _run_demo(
+                out,
+                kube,
+                webhook,
+                registry,
+                password,
+                kubectl=plane.kubectl() if no_node is None else None,
+            )
             if args.keep:
+                kubectl = f"{find_kubectl()} --cache-dir {workdir / 'kubectl-cache'}"
                 out.write(
-                    f"\nEverything is still running. Try:\n"
+                    f"\nEverything is still running. Try (Debian's kubectl 1.20, as the server):\n"
                     f"  export KUBECONFIG={plane.kubeconfig}\n"
+                    f"  alias kubectl='{kubectl}'\n"
                     f"  kubectl get pods -A -o wide\n"
-                    f"  kubectl run demo -n shop --image=alpine:3.19\n"
+                    f"  kubectl run demo -n shop --image=ghcr.io/acme/storefront:2.3.1\n"
                     f"Logs and configs: {workdir}\nPress Ctrl-C to stop and clean up.\n"
                 )
                 out.flush()
@@ -423,8 +464,16 @@ def _step(out: Any, text: str) -> None:
 
 
 def _run_demo(
-    out: Any, kube: SyncKube, webhook: LocalWebhook, registry: LocalRegistry, password: str
+    out: Any,
+    kube: SyncKube,
+    webhook: LocalWebhook,
+    registry: LocalRegistry,
+    password: str,
+    *,
+    kubectl: Kubectl | None,
 ) -> None:
+    """Register the webhook, create the demo pods, show what was stored and, with a node
+    (``kubectl`` given), what the node did with them."""
     _step(
         out,
         f"registering the MutatingWebhookConfiguration (namespaces labelled {OPT_IN_LABEL}=true)",
@@ -493,16 +542,35 @@ def _run_demo(
         out.write("\nWarnings the API server returned to the client (as kubectl prints them):\n")
         for w in warnings:
             out.write(f"  Warning: {w}\n")
-    out.write(
-        textwrap.dedent(
-            f"""
+    what = textwrap.dedent(
+        f"""
         What happened: the API server sent each pod in 'shop' to mirrorgate. It asked the mirror
         {registry.host} for every image, rewrote those the mirror can serve, added the pull secret
         and recorded the originals in the annotation mirrorgate.io/original-images. redis is not on
-        the mirror, so its pod keeps the original image instead of failing to pull. 'legacy' is not
-        opted in, so the API server never asked. There is no kubelet here: the pods are stored, not
-        run, and nothing is pulled.
+        the mirror, so its pod keeps the original image instead of failing to pull from a mirror
+        that lacks it. 'legacy' is not opted in, so the API server never asked.
         """
+    )
+    if kubectl is None:
+        out.write(what + "There is no kubelet here: the pods are stored, not run.\n")
+        return
+    _step(out, "waiting for the node to pull and start the pods")
+    names = [(m["metadata"]["namespace"], m["metadata"]["name"]) for m in DEMO_PODS]
+    out.write("\n" + _table(NODE_COLUMNS, _node_rows(kube, names)) + "\n")
+    for container in ("migrate", "web", "app"):
+        logs = kubectl.run("logs", "-n", "shop", "storefront", "-c", container, check=False)
+        line = (logs.stdout or logs.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        out.write(f"$ kubectl logs -n shop storefront -c {container}\n{line[0]}\n")
+    out.write(
+        what
+        + textwrap.dedent(
+            f"""
+            On the node, containerd pulled the rewritten images from {registry.host} with the
+            pull secret, and shop/storefront runs. The images that kept their upstream reference
+            could only come from the internet, which this machine cannot reach, so those pods wait
+            in ErrImagePull (then ImagePullBackOff): with a real upstream they would run as they
+            did before mirrorgate. The kubelet refuses the invalid reference as well.
+            """
         )
     )
 
@@ -516,6 +584,60 @@ _WHY = {
     "invalid": "invalid reference: left alone, warned",
     "unmirrorable": "cannot be expressed on the mirror: left alone, warned",
 }
+
+
+NODE_COLUMNS = ("POD", "PHASE", "CONTAINER", "STATE", "PULLED FROM")
+# Container states that will not change by waiting longer here (no internet to pull from).
+_STUCK = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+POD_WAIT = 90.0
+
+
+def _node_rows(kube: SyncKube, names: Sequence[tuple[str, str]]) -> list[tuple[str, ...]]:
+    """Pod phase and, per container, its state and the registry its image came from, once each
+    pod has settled (running, done, or stuck on an image it cannot get)."""
+    deadline = time.monotonic() + POD_WAIT
+    while True:
+        pods = {(ns, n): kube.get(resource_path("v1", "Pod", n, namespace=ns)) for ns, n in names}
+        if all(_settled(p) for p in pods.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    rows: list[tuple[str, ...]] = []
+    for (ns, name), pod in pods.items():
+        status = (pod or {}).get("status") or {}
+        phase = str(status.get("phase") or "-")
+        for cs in _container_statuses(status):
+            # containerd reports the image it ran as <registry>/<repository>@<digest>.
+            source = str(cs.get("imageID") or "").split("/", 1)[0] or "-"
+            rows.append((f"{ns}/{name}", phase, str(cs.get("name")), _state(cs), source))
+    return rows
+
+
+def _container_statuses(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def _state(cs: Mapping[str, Any]) -> str:
+    state = cs.get("state") or {}
+    if "running" in state:
+        return "running"
+    if "terminated" in state:
+        return f"terminated: {(state['terminated'] or {}).get('reason') or 'done'}"
+    waiting = state.get("waiting") or {}
+    return f"waiting: {waiting.get('reason') or 'starting'}"
+
+
+def _settled(pod: Mapping[str, Any] | None) -> bool:
+    status = (pod or {}).get("status") or {}
+    statuses = _container_statuses(status)
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return True
+    if status.get("phase") == "Running" and all(
+        "running" in (c.get("state") or {}) for c in status.get("containerStatuses") or []
+    ):
+        return True
+    return bool(statuses) and any(
+        ((c.get("state") or {}).get("waiting") or {}).get("reason") in _STUCK for c in statuses
+    )
 
 
 def _short(image: str) -> str:

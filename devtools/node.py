@@ -820,9 +820,16 @@ class LocalNode:
         started = time.monotonic()
         preflight(assets=self._assets)
         assets = self._assets or find_assets(node=True)
-        if len(str(self.containerd_socket)) > MAX_SOCKET_PATH:
+        # Unix socket paths are limited to 107 bytes: containerd's socket and the kubelet's
+        # pod-resources socket (a random 10-digit name under its root dir) live in the work dir.
+        longest = max(
+            len(str(self.containerd_socket)),
+            len(str(self.kubelet_dir / "root" / "pod-resources")) + 11,
+        )
+        if longest > MAX_SOCKET_PATH:
             raise NodeUnavailableError(
-                f"work dir {self.work_dir} is too long for containerd's socket path; use a "
+                f"work dir {self.work_dir} is too long for the node's socket paths (at most "
+                f"{len(str(self.work_dir)) - longest + MAX_SOCKET_PATH} characters); use a "
                 "shorter one"
             )
         self._lock.acquire()
