@@ -218,6 +218,7 @@ def mirrorgate_server(
     core: int | None,
     pythonpath: str | None = None,
     log_level: str = "info",
+    args: Sequence[str] = (),
 ) -> PinnedServer:
     port, metrics_port = free_port(), free_port()
     return PinnedServer(
@@ -239,6 +240,7 @@ def mirrorgate_server(
             f"127.0.0.1:{metrics_port}",
             "--log-level",
             log_level,
+            *args,
         ],
         port=port,
         core=core,

@@ -591,6 +591,7 @@ async def _serve(
 
     from mirrorgate.webhook.controllers.leader import ElectionSettings, default_identity
     from mirrorgate.webhook.infra.logs import get_logger
+    from mirrorgate.webhook.infra.memory import tune_allocator
     from mirrorgate.webhook.infra.metrics import Metrics
     from mirrorgate.webhook.server.app import Settings, create_app, create_metrics_app
     from mirrorgate.webhook.server.listener import (
@@ -602,6 +603,7 @@ async def _serve(
     from mirrorgate.webhook.server.tls import ReloadingTLS
 
     log = get_logger("serve")
+    tune_allocator()
     asyncio.get_running_loop().set_exception_handler(FdExhaustionReporter())
     max_connections = raise_open_files_limit(max_connections)
     metrics = Metrics()

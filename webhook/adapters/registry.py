@@ -429,7 +429,9 @@ class RegistryClient:
         if entry is not None and entry.expires > now:
             self.stats.cache_hits += 1
             if entry.error is not None:
-                raise entry.error
+                # A new exception each time: raising the cached one would add this frame to
+                # its traceback, and so keep every admission that ever hit it alive.
+                raise RegistryError(entry.error.kind, str(entry.error))
             return entry.value
         self.stats.cache_misses += 1
         fill = self._inflight.get(key)
@@ -465,7 +467,9 @@ class RegistryClient:
         try:
             value = await fetch()
         except RegistryError as err:
-            self._store(key, _CacheEntry(self._clock() + settings.negative_ttl, None, err))
+            # The kind and message only: not the traceback and the frames it holds.
+            error = RegistryError(err.kind, str(err))
+            self._store(key, _CacheEntry(self._clock() + settings.negative_ttl, None, error))
             self._failures.note(key[1], err)
             raise
         self._store(key, _CacheEntry(self._clock() + settings.positive_ttl, value))

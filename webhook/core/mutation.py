@@ -107,7 +107,10 @@ def decide_image(image: str, config: Config, checks: Checks | None = None) -> Im
         memo = _memo = (config, LRUCache(_MEMO_LIMIT))
     decision = memo[1].get(image)
     if decision is None:
-        decision = memo[1][image] = _decide_image(image, config, None)
+        decision = _decide_image(image, config, None)
+        # Invalid references are what an attacker varies at will; they cost one failed parse.
+        if decision.reason != "invalid":
+            memo[1][image] = decision
     return decision
 
 
@@ -485,6 +488,7 @@ _FALLBACK_WHY = {
     "server": "mirror answered with an error",
     "protocol": "unexpected answer from the mirror",
     "unchecked": "not checked",
+    "too_many": "too many distinct images in one pod to check",
 }
 
 

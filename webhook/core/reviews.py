@@ -31,6 +31,10 @@ MUTATED_OPERATIONS = ("CREATE", "UPDATE")
 # itself caps nothing but the object's size) are refused before any decision is made.
 MAX_CONTAINERS = 1000
 MAX_VOLUMES = 1000
+# Distinct images one admission asks registries (or Clair) about; the rest are "not checked"
+# (mutate: kept, warned; validate: unavailable). Real pods have a handful; thousands of checks
+# would only queue behind each other past any budget.
+MAX_CHECKS = 256
 # What the API server passes on to kubectl (k8s.io/apiserver's warning recorder): printable text,
 # 4 KiB in all before it starts cutting each warning to 256 characters; so each is kept to 512
 # and the list to 4 KiB, the rest counted in a last line.
@@ -324,7 +328,7 @@ def printable(text: str, limit: int, *, lines: bool = False) -> str:
     """``text`` with control characters (newlines too, unless ``lines``) shown as ``?`` and cut
     to ``limit`` characters: the API server drops a warning that is not printable."""
     if len(text) > limit:
-        text = text[: limit - 14] + "... (truncated)"
+        text = text[: limit - 15] + "... (truncated)"
     if text.isprintable():
         return text
     keep = "\n" if lines else ""

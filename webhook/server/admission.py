@@ -15,8 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from mirrorgate.webhook.controllers.pullsecrets import PullSecretSync
+from mirrorgate.webhook.core.mutation import MirrorCheck
 from mirrorgate.webhook.core.pullsecrets import CopyResult, admission_warning, injected_pull_secret
 from mirrorgate.webhook.core.reviews import (
+    MAX_CHECKS,
     AdmissionRequest,
     ReviewResult,
     mirror_candidates,
@@ -28,6 +30,11 @@ from mirrorgate.webhook.server.http import Answer, admission_budget, admission_e
 from mirrorgate.webhook.server.state import METRICS, PULL_SECRETS, SETTINGS, VERIFIER
 
 log = get_logger("admission")
+TOO_MANY = MirrorCheck(
+    ok=False,
+    reason="too_many",
+    detail=f"more than {MAX_CHECKS} distinct images in one pod: not checked",
+)
 # Longest an admission waits for a missing pull-secret copy to be created.
 ENSURE_COPY_TIMEOUT = 5.0
 
@@ -46,10 +53,12 @@ async def review_mutate(request: web.Request, req: AdmissionRequest, started: fl
         now = time.perf_counter()
         # Second pass with what the mirror said: fall back or pin digests.
         checks = await verifier.check_all(
-            candidates,
+            candidates[:MAX_CHECKS],
             budget=max(0.01, deadline - now - (now - started)),
             allow_copy=not req.dry_run,
         )
+        for candidate in candidates[MAX_CHECKS:]:
+            checks[candidate] = TOO_MANY
         # The first pass assumed every mirror can serve; with that confirmed and no digests
         # to pin, a second pass would compute the same result.
         if config.pin_digests or not all(c.ok for c in checks.values()):

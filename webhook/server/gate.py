@@ -19,8 +19,9 @@ from aiohttp import web
 
 from mirrorgate.webhook.adapters.clair import ClairClient
 from mirrorgate.webhook.core.config import Config
-from mirrorgate.webhook.core.policy import Decision, ImageVerdict, decide
+from mirrorgate.webhook.core.policy import Decision, ImageVerdict, Verdict, decide
 from mirrorgate.webhook.core.reviews import (
+    MAX_CHECKS,
     AdmissionRequest,
     BadReviewError,
     build_response,
@@ -98,8 +99,18 @@ class _Gate:
         now = time.perf_counter()
         deadline = started + admission_budget(request, self.policy.admission_budget)
         verdicts = await scanner.verdicts(
-            images, budget=max(0.01, deadline - now - (now - started))
+            images[:MAX_CHECKS], budget=max(0.01, deadline - now - (now - started))
         )
+        verdicts += [
+            ImageVerdict(
+                image,
+                Verdict(
+                    "unavailable",
+                    detail=f"more than {MAX_CHECKS} distinct images in one pod: not checked",
+                ),
+            )
+            for image in images[MAX_CHECKS:]
+        ]
         mode = self._mode(request, req.namespace)
         decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
         self._count(req, verdicts, decision, known=request.app.get(NAMESPACE_LABELS))

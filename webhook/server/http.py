@@ -29,6 +29,7 @@ from mirrorgate.webhook.core.reviews import (
     parse_review,
 )
 from mirrorgate.webhook.infra.logs import get_logger
+from mirrorgate.webhook.infra.memory import trim_soon
 from mirrorgate.webhook.server.state import METRICS
 
 log = get_logger("admission")
@@ -139,9 +140,16 @@ async def read_review_body(request: web.Request) -> bytes:
         raise BadReviewError(f"request body not received within {BODY_TIMEOUT:g}s") from err
     except zlib.error as err:
         raise BadReviewError(f"body is not valid {encoding}: {err}") from err
+    finally:
+        if raw > LARGE_BODY or len(body) > LARGE_BODY:
+            trim_soon()
     if len(body) > MAX_BODY_BYTES:
         raise BadReviewError(f"request body exceeds {MAX_BODY_BYTES} bytes once decompressed")
     return bytes(body)
+
+
+# Bodies past this size are rare (a pod is a few KiB) and worth a trim afterwards.
+LARGE_BODY = 256 * 1024
 
 
 class _Inflater:

@@ -256,6 +256,8 @@ class Scanner:
     async def _wait(self, awaitable: Any, deadline: float) -> Any:
         remaining = deadline - self._clock()
         if remaining <= 0:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started: close it rather than leave it unawaited
             raise TimeoutError
         return await asyncio.wait_for(awaitable, remaining)
 
