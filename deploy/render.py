@@ -614,6 +614,9 @@ class _Registry:
                     },
                     "spec": {
                         "automountServiceAccountToken": False,
+                        # distribution reads every REGISTRY_* variable as a config override, and
+                        # Kubernetes would inject REGISTRY_SERVICE_HOST & co. for our Services.
+                        "enableServiceLinks": False,
                         "securityContext": _pod_security(REGISTRY_UID),
                         "containers": [container],
                         "volumes": volumes,
@@ -646,6 +649,7 @@ class _Registry:
         pod: dict[str, Any] = {
             "restartPolicy": "OnFailure",
             "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
             "securityContext": _pod_security(REGISTRY_UID),
             "containers": [container],
             "volumes": volumes,

@@ -456,6 +456,8 @@ def registry_image(*, cache: Path | None = None) -> OciImage:
         # libc on the loader's default search path); content from the resolved file.
         entries = [
             _file("/usr/bin/docker-registry", source=binary),
+            # The official image calls it `registry` (the deployer's GC CronJob runs that name).
+            _symlink("/usr/bin/registry", "docker-registry"),
             *(_file(str(lib), source=lib.resolve(), mode=0o755) for lib in libraries),
             _file("/etc/docker/registry/config.yml", data=config_yml, mode=0o644),
             _dir("/var/lib/registry"),
@@ -470,6 +472,7 @@ def registry_image(*, cache: Path | None = None) -> OciImage:
         return entries, config
 
     key_parts = [
+        "layout 2: /usr/bin/registry link",  # bump when the entries above change
         config_yml.decode(),
         _hash_file(binary),
         *(f"{lib} {_hash_file(lib.resolve())}" for lib in libraries),
