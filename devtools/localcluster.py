@@ -60,6 +60,8 @@ NODE_BINARIES = ("kubelet", "kube-proxy", "kube-controller-manager", "kube-sched
 # the kubelet's webhook authorizer allows it.
 KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 CERT_DAYS = 7
+# Where Services get their ClusterIPs; the first address is the `kubernetes` Service's.
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 STOP_GRACE_SECONDS = 10.0
 _LOG_TAIL_LINES = 40
 
@@ -305,6 +307,12 @@ class ControlPlane:
     `<work_dir>/certs/apiserver.crt`. Used as a CA bundle, that file lets clients verify the chain
     and the host name: the leaf carries the IP SAN 127.0.0.1 (and kubernetes.default.svc names, but
     not `localhost`), so `url` uses 127.0.0.1. Every client made here verifies both.
+
+    `service_account_admission=True` runs the ServiceAccount admission plugin, as every real
+    cluster does: pods get their service account's token and the CA mounted, which in-cluster
+    clients (a webhook Deployment) need. It needs a controller-manager (a `LocalNode` runs one)
+    to create each namespace's `default` ServiceAccount and the tokens; without one, pods are
+    refused. By default the plugin is off, so pods are stored without a node.
     """
 
     def __init__(
@@ -314,11 +322,13 @@ class ControlPlane:
         assets: Path | None = None,
         start_timeout: float = 60.0,
         extra_apiserver_args: Sequence[str] = (),
+        service_account_admission: bool = False,
     ) -> None:
         self.work_dir = Path(work_dir)
         self._assets = assets
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.service_account_admission = service_account_admission
         self.admin_token = secrets.token_hex(24)
         self._users: dict[str, tuple[str, tuple[str, ...]]] = {
             "admin": (self.admin_token, ("system:masters",)),
@@ -469,13 +479,18 @@ class ControlPlane:
                 f"--client-ca-file={self.client_ca_file}",
                 # Node: what a kubelet (system:node:<name>) may read and write; RBAC for the rest.
                 "--authorization-mode=Node,RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={sa_key}",
                 f"--service-account-signing-key-file={sa_key}",
                 "--allow-privileged=true",
-                # No controller-manager runs, so nothing would create the default ServiceAccount.
-                "--disable-admission-plugins=ServiceAccount",
+                # Without a controller-manager nothing would create the default ServiceAccount
+                # (and every pod would be refused), unless the caller asked for the plugin.
+                *(
+                    ()
+                    if self.service_account_admission
+                    else ("--disable-admission-plugins=ServiceAccount",)
+                ),
                 "--feature-gates=EphemeralContainers=true",
                 # `kubectl logs/exec` go API server -> kubelet: this certificate authenticates the
                 # API server there; node addresses are the kubelet's own (no DNS for node names).

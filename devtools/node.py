@@ -25,6 +25,30 @@ to only warn about kernel tunables (`protectKernelDefaults: true`, see
 `preflight()` / `node_unavailable_reason()` say in one line why a machine cannot run a node (not
 root, no cgroup v1 controllers, missing Debian packages or binaries); callers such as the demo
 then run without one and print the reason.
+
+With `cluster_services=True` pods also use the cluster the way in-cluster workloads do (a
+webhook Deployment, a registry pull-through cache): they reach Services by ClusterIP and by name,
+and the API server through the `kubernetes` Service. What that adds, and why it is shaped so:
+
+- a route to the service range in every pod, via the node IP (the CNI IPAM `routes`); without it
+  a pod has only its on-link subnet;
+- IPv4 forwarding for packets that arrive on the bridge only (`net.ipv4.conf.<bridge>.forwarding`,
+  never the machine-wide `ip_forward`): a pod's packet to a ClusterIP is translated by
+  kube-proxy's rules to another pod's address and goes back out of the bridge, which is
+  forwarding. The setting belongs to the bridge and disappears with it;
+- a host route for the service range through the bridge (source: the node IP), so the API server
+  reaches a webhook's ClusterIP on any machine, with or without a default route; it too goes
+  with the bridge;
+- the API server on the node IP: a TCP relay (a thread of this process) from `<node IP>:<port>`
+  to the API server's loopback port, and the `kubernetes` Service's Endpoints and EndpointSlice
+  pointing at it (the API server runs with no endpoint reconciler: its 127.0.0.1 means the pod
+  itself inside a pod). TLS passes through untouched; the API server's certificate names
+  10.0.0.1 and `kubernetes.default.svc`, which is what in-cluster clients check;
+- cluster DNS (`mirrorgate.devtools.dns`, a thread of this process) on `<node IP>:53`, named as
+  the kubelet's `clusterDNS`.
+`stop()` removes the Endpoints and EndpointSlice again; the relay and DNS sockets close with it.
+`kubelet_sync_seconds` shortens the kubelet's sync period (default 1 minute), which is how soon
+an updated Secret or ConfigMap reaches a mounted volume.
 """
 
 from __future__ import annotations
@@ -42,8 +66,11 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -54,9 +81,11 @@ from typing import Any, Self
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from mirrorgate.devtools.dns import DEFAULT_DOMAIN, ClusterDNS
 from mirrorgate.devtools.images import OciImage, import_images, pause_image
 from mirrorgate.devtools.localcluster import (
     NODE_BINARIES,
+    SERVICE_CLUSTER_IP_RANGE,
     ChildProcess,
     ControlPlane,
     LocalClusterError,
@@ -690,6 +719,36 @@ def _remove_paths(paths: Iterable[Path]) -> None:
             shutil.rmtree(path)
 
 
+# --- objects the node writes to the API --------------------------------------------------------
+# 1.20 serves EndpointSlice as beta only; kube-proxy 1.20 reads slices, not Endpoints.
+ENDPOINTSLICE_GROUP, ENDPOINTSLICE_VERSION = "discovery.k8s.io", "v1beta1"
+# The label the API server's own endpoint reconciler puts on the `kubernetes` Endpoints, so the
+# EndpointSlice mirroring controller leaves them to the slice written next to them.
+ENDPOINTSLICE_SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"
+
+
+def _create_or_replace(
+    create: Callable[[], object], read: Callable[[], Any], replace: Callable[[str], object]
+) -> None:
+    """Create an object; if it exists, replace it (with the live resourceVersion)."""
+    try:
+        create()
+    except ApiException as err:
+        if err.status != 409:
+            raise
+        live = read()
+        version = live["metadata"]["resourceVersion"] if isinstance(live, dict) else None
+        replace(version or live.metadata.resource_version)
+
+
+def _delete_ignoring_missing(delete: Callable[[], object]) -> None:
+    try:
+        delete()
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
 class _NodeLock:
     """An exclusive flock on `<state_dir>/lock`: one node per machine. The kernel drops it when
     the holder dies, so a crashed run never blocks the next one."""
@@ -754,6 +813,89 @@ def clean_up_after_crashed_run(*, state_dir: Path | None = None) -> bool:
         lock.release()
 
 
+# --- in-cluster access to the API server -------------------------------------------------------
+class _TCPRelay:
+    """Accepts TCP connections on `host` (a free port) and joins each to `target`.
+
+    How pods reach an API server that listens on 127.0.0.1 only: the `kubernetes` Service's
+    endpoint is this relay on the node IP. Bytes pass through unchanged (TLS included). Threads
+    of this process (one accepting, two per connection, so a slow reader only stalls its own
+    connection); nothing on the host changes, and the sockets close with `stop()` or with the
+    process.
+    """
+
+    def __init__(self, host: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server((host, 0))
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._open: set[socket.socket] = set()
+        self._guard = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"api-relay-{host}", daemon=True)
+
+    def start(self) -> _TCPRelay:
+        # A timeout, so the accept loop sees stop() within a moment.
+        self._listener.settimeout(0.2)
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by stop()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError as err:
+                log.warning("API relay: cannot reach %s:%d: %s", *self.target, err)
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._guard:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._connection, args=(client, upstream), daemon=True).start()
+
+    def _connection(self, client: socket.socket, upstream: socket.socket) -> None:
+        back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+        back.start()
+        self._pump(client, upstream)
+        back.join()
+        with self._guard:
+            self._open.difference_update((client, upstream))
+        client.close()
+        upstream.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            # EOF: pass the half-close on; the other direction may still be sending.
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            # A reset on either side ends the connection both ways.
+            for end in (src, dst):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Close the listener and end every relayed connection. Idempotent."""
+        self._stopping.set()
+        self._listener.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with self._guard:
+            live = list(self._open)
+        # The connection threads see their sockets end and close them.
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 # --- the node ------------------------------------------------------------------------------------
 class LocalNode:
     """One node running on this machine for `control_plane` (which must be started).
@@ -762,6 +904,12 @@ class LocalNode:
     force-deletes the pods bound to the node and the Node itself from the API (nothing would
     ever run them again), and restores the host. `images` are imported into containerd before
     the kubelet starts (the pause image always is), so pods can use them without any registry.
+
+    `cluster_services=True`: pods reach Services (by ClusterIP and by DNS name) and the API
+    server, as in-cluster clients need (see the module docstring); `dns` and `api_endpoint`
+    are then set while the node runs. `kubelet_sync_seconds`: the kubelet's syncFrequency,
+    i.e. how soon a changed Secret reaches the pods that mount it (default: the kubelet's 60 s).
+    Both are off by default, and the node then runs exactly as without them.
     """
 
     def __init__(
@@ -776,6 +924,8 @@ class LocalNode:
         assets: Path | None = None,
         ready_timeout: float = READY_TIMEOUT,
         state_dir: Path | None = None,
+        cluster_services: bool = False,
+        kubelet_sync_seconds: float | None = None,
     ) -> None:
         self.plane = control_plane
         self.work_dir = Path(work_dir).absolute()
@@ -796,6 +946,15 @@ class LocalNode:
         self.log_dir = self.work_dir / "logs"
         self.pki_dir = self.work_dir / "pki"
         self.timings: dict[str, float] = {}
+        self.cluster_services = cluster_services
+        self.kubelet_sync_seconds = kubelet_sync_seconds
+        self.service_range = ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE)
+        self.cluster_domain = DEFAULT_DOMAIN
+        # Set while a node with cluster_services runs.
+        self.dns: ClusterDNS | None = None
+        self.api_endpoint: tuple[str, int] | None = None
+        self._relay: _TCPRelay | None = None
+        self._dns_api: kubernetes.client.ApiClient | None = None
         self._controller_port = 0
         self._scheduler_port = 0
         self._processes: dict[str, ChildProcess] = {}
@@ -839,6 +998,8 @@ class LocalNode:
             self._record = self._record_host()
             self._prepare_host()
             self._start_containerd()
+            if self.cluster_services:
+                self._start_cluster_services()
             self._start_components(assets)
             self._wait_ready()
         except BaseException as err:
@@ -876,6 +1037,8 @@ class LocalNode:
                 process = self._processes.get(component)
                 if process is not None:
                     attempt(f"stopping {component}", partial(process.stop, COMPONENT_STOP_GRACE))
+            if self.cluster_services:
+                attempt("stopping cluster services", self._stop_cluster_services)
             attempt("removing the node from the API", self._forget_node)
             # Containers before containerd: containerd does not stop them, the shims hold them.
             attempt("killing containers", partial(_kill_cgroup_processes, record.cgroup_name))
@@ -910,9 +1073,11 @@ class LocalNode:
 
         Its processes keep running and the host keeps its changes; the record of them stays, so
         the next LocalNode.start() on this machine cleans up after it (what tests of exactly
-        that need).
+        that need). The relay and DNS threads end, as they would with the process; the
+        `kubernetes` Endpoints they served stay in the API, as after a crash.
         """
         self._record = None
+        self._close_cluster_sockets()
         self._lock.release()
 
     def import_images(self, images: Sequence[OciImage]) -> float:
@@ -937,6 +1102,17 @@ class LocalNode:
                 raise NodeUnavailableError(
                     f"pod subnet {self.subnet} overlaps the route {route.strip()!r}; choose "
                     "another subnet="
+                )
+            # cluster_services routes the service range through the bridge.
+            if (
+                self.cluster_services
+                and destination is not None
+                and destination.prefixlen > 0
+                and destination.overlaps(self.service_range)
+            ):
+                raise NodeUnavailableError(
+                    f"the service range {self.service_range} overlaps the route "
+                    f"{route.strip()!r}, which cluster_services=True would shadow"
                 )
         for binary in IPTABLES:
             for table in IPTABLES_TABLES:
@@ -988,6 +1164,16 @@ class LocalNode:
         _run(["ip", "link", "add", "name", self.bridge, "type", "bridge"])
         _run(["ip", "addr", "add", f"{self.node_ip}/{prefix}", "dev", self.bridge])
         _run(["ip", "link", "set", "dev", self.bridge, "up"])
+        if self.cluster_services:
+            # Both belong to the bridge and go with it (stop() and a crashed run's cleanup
+            # delete it): forwarding for what arrives on the bridge only (a pod's packet to a
+            # ClusterIP leaves again towards another pod), and the service range reached
+            # through the bridge from the host (the API server calling a webhook's Service).
+            (Path("/proc/sys/net/ipv4/conf") / self.bridge / "forwarding").write_text("1\n")
+            _run(
+                ["ip", "route", "add", str(self.service_range), "dev", self.bridge]
+                + ["src", self.node_ip]
+            )
 
     def _spawn(self, name: str, argv: Sequence[str]) -> ChildProcess:
         assert self._record is not None
@@ -1104,11 +1290,151 @@ disabled_plugins = [
                         "type": "host-local",
                         "ranges": [[{"subnet": str(self.subnet), "gateway": self.node_ip}]],
                         "dataDir": str(self.cni_dir / "ipam"),
+                        # ClusterIPs are off the pod subnet: only a route makes them reachable.
+                        **(
+                            {"routes": [{"dst": str(self.service_range), "gw": self.node_ip}]}
+                            if self.cluster_services
+                            else {}
+                        ),
                     },
                 }
             ],
         }
         (conf_dir / "10-mirrorgate.conflist").write_text(json.dumps(conflist, indent=2) + "\n")
+
+    # cluster services (cluster_services=True) ---------------------------------------------------
+    def _start_cluster_services(self) -> None:
+        """The API relay and its `kubernetes` endpoints, then cluster DNS, on the node IP."""
+        started = time.monotonic()
+        api = urllib.parse.urlsplit(self.plane.url)
+        assert api.hostname is not None and api.port is not None
+        self._relay = _TCPRelay(self.node_ip, (api.hostname, api.port)).start()
+        self.api_endpoint = self._relay.address
+        self._publish_api_endpoints(self.api_endpoint[1])
+        # One client for every lookup (urllib3's pool is thread-safe): a query costs one GET
+        # on a kept-alive connection, not a new TLS handshake.
+        self._dns_api = self.plane.api_client()
+        try:
+            self.dns = ClusterDNS(
+                self._service_addresses, host=self.node_ip, domain=self.cluster_domain
+            ).start()
+        except OSError as err:
+            raise NodeUnavailableError(
+                f"cluster DNS cannot listen on {self.node_ip}:53 ({err.strerror or err})"
+            ) from err
+        self.timings["cluster_services"] = time.monotonic() - started
+
+    def _publish_api_endpoints(self, port: int) -> None:
+        """Point the `kubernetes` Service at the relay, as the API server's own reconciler would
+        (Endpoints marked not to be mirrored, plus the EndpointSlice kube-proxy reads)."""
+        client = kubernetes.client
+        endpoints = client.V1Endpoints(
+            metadata=client.V1ObjectMeta(
+                name="kubernetes", namespace="default", labels={ENDPOINTSLICE_SKIP_MIRROR: "true"}
+            ),
+            subsets=[
+                client.V1EndpointSubset(
+                    addresses=[client.V1EndpointAddress(ip=self.node_ip)],
+                    ports=[client.CoreV1EndpointPort(name="https", port=port, protocol="TCP")],
+                )
+            ],
+        )
+        endpoint_slice = {
+            "apiVersion": f"{ENDPOINTSLICE_GROUP}/{ENDPOINTSLICE_VERSION}",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [self.node_ip], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        }
+        with self.plane.api_client() as api:
+            core = kubernetes.client.CoreV1Api(api)
+            custom = kubernetes.client.CustomObjectsApi(api)
+            slices = (ENDPOINTSLICE_GROUP, ENDPOINTSLICE_VERSION, "default", "endpointslices")
+
+            def with_version(body: dict[str, Any], version: str) -> dict[str, Any]:
+                return {**body, "metadata": {**body["metadata"], "resourceVersion": version}}
+
+            def replace_endpoints(version: str) -> object:
+                assert endpoints.metadata is not None
+                endpoints.metadata.resource_version = version
+                return core.replace_namespaced_endpoints("kubernetes", "default", endpoints)
+
+            _create_or_replace(
+                lambda: core.create_namespaced_endpoints("default", endpoints),
+                lambda: core.read_namespaced_endpoints("kubernetes", "default"),
+                replace_endpoints,
+            )
+            _create_or_replace(
+                lambda: custom.create_namespaced_custom_object(*slices, endpoint_slice),
+                lambda: custom.get_namespaced_custom_object(*slices, "kubernetes"),
+                lambda v: custom.replace_namespaced_custom_object(
+                    *slices, "kubernetes", with_version(endpoint_slice, v)
+                ),
+            )
+
+    def _service_addresses(self, namespace: str, name: str) -> list[str] | None:
+        """What cluster DNS answers for `<name>.<namespace>.svc`: the ClusterIP, or the ready
+        endpoint addresses of a headless Service; None when there is no such Service."""
+        if self._dns_api is None:
+            raise LocalClusterError("the node's cluster services are stopped")
+        core = kubernetes.client.CoreV1Api(self._dns_api)
+        try:
+            service = core.read_namespaced_service(name, namespace, _request_timeout=2)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        cluster_ip = service.spec.cluster_ip if service.spec else None
+        if cluster_ip and cluster_ip != "None":
+            return [cluster_ip]
+        try:
+            endpoints = core.read_namespaced_endpoints(name, namespace, _request_timeout=2)
+        except ApiException as err:
+            if err.status == 404:
+                return []
+            raise
+        return [
+            address.ip for subset in endpoints.subsets or [] for address in subset.addresses or []
+        ]
+
+    def _stop_cluster_services(self) -> None:
+        """Remove the `kubernetes` endpoints this node published, then close the sockets."""
+        try:
+            if self.api_endpoint is not None and self.plane.url:
+                with self.plane.api_client() as api:
+                    core = kubernetes.client.CoreV1Api(api)
+                    custom = kubernetes.client.CustomObjectsApi(api)
+                    _delete_ignoring_missing(
+                        lambda: core.delete_namespaced_endpoints("kubernetes", "default")
+                    )
+                    _delete_ignoring_missing(
+                        lambda: custom.delete_namespaced_custom_object(
+                            ENDPOINTSLICE_GROUP,
+                            ENDPOINTSLICE_VERSION,
+                            "default",
+                            "endpointslices",
+                            "kubernetes",
+                        )
+                    )
+        finally:
+            self._close_cluster_sockets()
+
+    def _close_cluster_sockets(self) -> None:
+        dns, self.dns = self.dns, None
+        relay, self._relay = self._relay, None
+        dns_api, self._dns_api = self._dns_api, None
+        self.api_endpoint = None
+        if dns is not None:
+            dns.stop()
+        if dns_api is not None:
+            dns_api.close()
+        if relay is not None:
+            relay.stop()
 
     def _kubeconfig_for(self, user: str, groups: Sequence[str] = ()) -> Path:
         cert, key = self.plane.issue_client_certificate(user, groups, directory=self.pki_dir)
@@ -1226,8 +1552,14 @@ disabled_plugins = [
             "serializeImagePulls": False,
             # Report changes (Ready, pressure) within 2 s instead of 10.
             "nodeStatusUpdateFrequency": "2s",
-            "clusterDomain": "cluster.local",
+            "clusterDomain": self.cluster_domain,
             "resolvConf": "/etc/resolv.conf",
+            **({"clusterDNS": [self.node_ip]} if self.cluster_services else {}),
+            **(
+                {"syncFrequency": f"{self.kubelet_sync_seconds:g}s"}
+                if self.kubelet_sync_seconds is not None
+                else {}
+            ),
         }
 
     def _proxy_config(self, kubeconfig: Path) -> dict[str, Any]:
