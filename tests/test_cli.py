@@ -149,6 +149,52 @@ def test_review_of_a_pod_manifest_prints_the_response_and_the_patched_pod(config
     assert "Warning: mirrorgate:" in r.stderr and "UPPER:1" in r.stderr
 
 
+def test_review_rewrites_an_image_volume_like_a_container_image(tmp_path):
+    """The issue's reproduction: on c698f4d only the container image was rewritten."""
+    cfg = tmp_path / "mirrorgate.yaml"
+    cfg.write_text(
+        "mirrors: [{upstream: quay.io, mirror: mirror.example.org/quay, verify: false}]\n"
+        "pullSecret: {name: mirrorgate-pull}\n"
+    )
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n"
+        "spec:\n  containers:\n  - {name: app, image: 'quay.io/x/app:1'}\n"
+        "  volumes: [{name: v, image: {reference: 'quay.io/x/y:v2'}}]\n"
+    )
+    r = mirrorgate("review", "--config", cfg, manifest)
+    assert r.returncode == 0, r.stderr
+    _, patched = list(yaml.safe_load_all(r.stdout))
+    assert patched["spec"]["containers"][0]["image"] == "mirror.example.org/quay/x/app:1"
+    assert patched["spec"]["volumes"] == [
+        {"name": "v", "image": {"reference": "mirror.example.org/quay/x/y:v2"}}
+    ]
+    assert patched["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}]
+    originals = json.loads(patched["metadata"]["annotations"]["mirrorgate.io/original-images"])
+    assert originals == {"app": "quay.io/x/app:1", "volume/v": "quay.io/x/y:v2"}
+
+
+def test_prewarm_from_manifests_finds_image_volumes_and_checks_platform_flags(tmp_path):
+    cfg = tmp_path / "mirrorgate.yaml"
+    cfg.write_text("mirrors: []\n")
+    k8s = tmp_path / "k8s"
+    k8s.mkdir()
+    (k8s / "job.yaml").write_text(
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  template:\n    spec:\n"
+        "      containers: [{name: a, image: 'quay.io/x/app:1'}]\n"
+        "      volumes: [{name: m, image: {reference: 'quay.io/x/models:v2'}},\n"
+        "                {name: e, emptyDir: {}}]\n"
+    )
+    r = mirrorgate("prewarm", "--config", cfg, "--from-manifests", k8s)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "quay.io/x/app:1: skipped (no-mirror)",
+        "quay.io/x/models:v2: skipped (no-mirror)",
+    ]
+    bad = mirrorgate("prewarm", "--config", cfg, "--platform", "amd64", "nginx")
+    assert bad.returncode == 2 and "--platform 'amd64' is not a platform os/arch" in bad.stderr
+
+
 def test_review_reads_an_admission_review_as_json_from_stdin(config):
     body = {
         "apiVersion": "admission.k8s.io/v1",

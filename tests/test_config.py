@@ -82,9 +82,30 @@ def test_kube_system_is_excluded_even_when_the_config_omits_it():
             id="an unknown key inside a mirror entry is named",
         ),
         pytest.param(
-            "mirrors: [{upstream: docker.io, mirror: a.io}, {upstream: docker.io, mirror: b.io}]",
-            "mirrors[1].upstream: 'docker.io' is already mapped by mirrors[0]",
-            id="a duplicate upstream is rejected",
+            "mirrors: [{upstream: docker.io, mirror: a.io}, {upstream: docker.io, mirror: a.io}]",
+            "mirrors[1].mirror: 'a.io' is already listed for 'docker.io' by mirrors[0].mirror",
+            id="the same upstream and mirror twice is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: [a.io, a.io]}]",
+            "mirrors[0].mirror[1]: 'a.io' is already listed for 'docker.io' by "
+            "mirrors[0].mirror[0]",
+            id="a mirror listed twice in one entry is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: []}]",
+            "mirrors[0].mirror: an empty list",
+            id="an empty mirror list is rejected",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: a.io, platforms: [linux/amd65]}]",
+            "mirrors[0].platforms[0]: 'linux/amd65' is not a platform",
+            id="an unknown platform architecture is named",
+        ),
+        pytest.param(
+            "mirrors: [{upstream: docker.io, mirror: a.io, platforms: linux/amd64}]",
+            "mirrors[0].platforms: must be a list",
+            id="platforms as a string is rejected",
         ),
         pytest.param(
             "skip: ['reg.io/[abc']", "skip[0]:", id="an unclosed bracket in a glob is rejected"
@@ -159,6 +180,31 @@ def test_mirror_selection(image, expected_upstream):
     )
     mirror = cfg.mirror_for(parse_reference(image))
     assert mirror is not None and mirror.upstream == expected_upstream
+
+
+def test_several_mirrors_for_one_upstream_keep_their_priority_order():
+    cfg = parse_config(
+        "mirrors:\n"
+        "  - {upstream: docker.io, mirror: [eu.mirror.example/hub, us.mirror.example/hub]}\n"
+        "  - {upstream: ghcr.io, mirror: eu.mirror.example/ghcr}\n"
+        "  - upstream: docker.io\n"
+        "    mirror: backup.example/hub\n"
+        "    type: copy\n"
+        "    platforms: [linux/amd64, linux/arm64/v8]\n"
+    )
+    found = cfg.mirrors_for(parse_reference("nginx:1.27"))
+    assert [m.mirror for m in found] == [
+        "eu.mirror.example/hub",
+        "us.mirror.example/hub",
+        "backup.example/hub",
+    ]
+    assert found[2].type == "copy" and found[2].platforms == ("linux/amd64", "linux/arm64/v8")
+    assert found[0].platforms == ()
+    # The first one is the one a single-mirror caller gets.
+    assert cfg.mirror_for(parse_reference("nginx")) is found[0]
+    # An image already on any of them is recognised as mirrored.
+    served = cfg.mirror_serving(parse_reference("us.mirror.example/hub/library/nginx:1.27"))
+    assert served is not None and served.mirror == "us.mirror.example/hub"
 
 
 def test_registry_access_and_mirror_awareness_settings_load():

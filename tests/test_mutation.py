@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 
 import jsonpatch
 import pytest
@@ -514,3 +515,224 @@ def test_megabyte_long_distinct_images_are_refused_fast_and_never_remembered():
     finally:
         tracemalloc.stop()
     assert kept < 8 << 20, f"{kept / (1 << 20):.1f} MiB kept after 100 distinct 1 MB images"
+
+
+# --- several mirrors per upstream --------------------------------------------------------------
+
+MIRRORS = parse_config(
+    """
+mirrors:
+  - upstream: docker.io
+    mirror: [eu.mirror.example/hub, us.mirror.example/hub]
+  - {upstream: docker.io, mirror: backup.example/hub, verify: false}
+pullSecret: {name: mirrorgate-pull}
+"""
+)
+EU, US, BACKUP = (
+    "eu.mirror.example/hub/library/nginx:1.25",
+    "us.mirror.example/hub/library/nginx:1.25",
+    "backup.example/hub/library/nginx:1.25",
+)
+
+
+def _check(ok, reason=None):
+    from mirrorgate.webhook.core.mutation import MirrorCheck
+
+    return MirrorCheck(ok=ok, reason=reason, digest=DIGEST if ok else None)
+
+
+@pytest.mark.parametrize(
+    ("checks", "image", "passed_over", "warning"),
+    [
+        pytest.param({EU: _check(True)}, EU, (), None, id="the first mirror serves: it wins"),
+        pytest.param(
+            {EU: _check(False, "network"), US: _check(True)},
+            US,
+            (("eu.mirror.example/hub", "network"),),
+            'mirrorgate: container "app" image "nginx:1.25" rewritten to mirror '
+            "us.mirror.example/hub: mirror eu.mirror.example/hub cannot serve it "
+            "(mirror unreachable)",
+            id="a down first mirror: the second wins and the warning says why",
+        ),
+        pytest.param(
+            {EU: _check(True), US: _check(False, "not_found")},
+            EU,
+            (),
+            None,
+            id="priority, not speed: the first wins when it can serve",
+        ),
+        pytest.param(
+            {EU: _check(False, "timeout"), US: _check(False, "not_found")},
+            BACKUP,
+            (("eu.mirror.example/hub", "timeout"), ("us.mirror.example/hub", "not_found")),
+            'mirrorgate: container "app" image "nginx:1.25" rewritten to mirror '
+            "backup.example/hub: mirror eu.mirror.example/hub cannot serve it (no answer within "
+            "verifyTimeout), mirror us.mirror.example/hub cannot serve it (not on the mirror)",
+            id="both verified mirrors fail: the unverified backup is used unasked",
+        ),
+        pytest.param(
+            {US: _check(True)},
+            US,
+            (("eu.mirror.example/hub", "unchecked"),),
+            None,
+            id="a mirror without an answer counts as unable to serve",
+        ),
+    ],
+)
+def test_several_mirrors_are_tried_in_priority_order(checks, image, passed_over, warning):
+    result = mutate_pod(pod(), MIRRORS, checks=checks)
+    decision = result.containers[0].decision
+    assert result.obj["spec"]["containers"][0]["image"] == image
+    assert decision.passed_over == passed_over
+    assert decision.mirror == image.split("/library/")[0]
+    if warning is not None:
+        assert result.warnings == [warning]
+    elif not passed_over:
+        assert result.warnings == []
+    # Whichever mirror served it, the pod is marked as mirrored: a second pass changes nothing.
+    assert mutate_pod(result.obj, MIRRORS, checks={}).patch == []
+
+
+def test_when_no_mirror_can_serve_the_original_is_kept_and_each_is_named():
+    cfg = parse_config(
+        "mirrors: [{upstream: docker.io, mirror: [eu.mirror.example/hub, us.mirror.example/hub]}]"
+    )
+    checks = {EU: _check(False, "network"), US: _check(False, "not_found")}
+    result = mutate_pod(pod(), cfg, checks=checks)
+    assert result.obj["spec"]["containers"][0]["image"] == "nginx:1.25"
+    assert result.patch == []
+    assert result.warnings == [
+        'mirrorgate: container "app" keeps image "nginx:1.25": no mirror can serve it (mirror '
+        "eu.mirror.example/hub cannot serve it (mirror unreachable), mirror us.mirror.example/hub "
+        "cannot serve it (not on the mirror))"
+    ]
+    assert result.containers[0].decision.fallback_reason == "network"
+
+
+def test_the_first_pass_asks_for_the_first_mirror_and_offers_the_others_in_order():
+    from mirrorgate.webhook.core.reviews import mirror_candidates
+
+    result = review_mutation(parse_review(review(pod())), MIRRORS, own_namespace="mirrorgate")
+    assert result.containers[0].decision.image == EU
+    assert mirror_candidates(result) == [(EU, US, BACKUP)]
+    # One mirror per upstream: one candidate, as before.
+    verifying = parse_config("mirrors: [{upstream: docker.io, mirror: eu.mirror.example/hub}]")
+    one = review_mutation(parse_review(review(pod())), verifying, own_namespace="mirrorgate")
+    assert mirror_candidates(one) == [(EU,)]
+
+
+def test_a_mirror_whose_prefix_cannot_take_the_image_is_skipped_for_the_next():
+    long_prefix = "a.example/" + "p" * 250
+    cfg = parse_config(
+        f"mirrors: [{{upstream: docker.io, mirror: [{long_prefix}, b.example], verify: false}}]"
+    )
+    decision = decide_image("nginx:1.25", cfg)
+    assert decision.reason == "rewritten" and decision.image == "b.example/library/nginx:1.25"
+
+
+# --- image volumes (Kubernetes 1.31+) ----------------------------------------------------------
+# Reviews shaped as a 1.33 API server sends them: the 1.20 API server of the e2e suite does not
+# know spec.volumes[].image and prunes it before admission, so these tables are where it is tested.
+
+
+def test_an_image_volume_is_rewritten_recorded_and_gets_the_pull_secret():
+    obj = pod(
+        containers=[{"name": "app", "image": "127.0.0.1:31000/library/nginx:1.25"}],
+        volumes=[
+            {"name": "cfg", "configMap": {"name": "c"}},
+            {
+                "name": "models",
+                "image": {"reference": "ghcr.io/o/models:v2", "pullPolicy": "Always"},
+            },
+        ],
+    )
+    result, resp = run(review(obj))
+    stored = apply(obj, resp)
+    assert stored["spec"]["volumes"][1] == {
+        "name": "models",
+        "image": {"reference": "registry.example.org/ghcr/o/models:v2", "pullPolicy": "Always"},
+    }
+    assert stored["spec"]["volumes"][0] == {"name": "cfg", "configMap": {"name": "c"}}
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "mirrorgate-pull"}]
+    # "volume/" keeps a volume and a container of the same name apart.
+    assert json.loads(stored["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
+        "volume/models": "ghcr.io/o/models:v2"
+    }
+    assert stored == result.patched
+    assert obj["spec"]["volumes"][1]["image"]["reference"] == "ghcr.io/o/models:v2"
+    assert [(c.field, c.name) for c in result.containers][-1] == ("volumes", "models")
+    # The stored pod needs nothing more.
+    assert "patch" not in run(review(stored))[1]
+
+
+def test_an_image_volume_follows_the_container_rules():
+    obj = pod(
+        volumes=[
+            {"name": "skip", "image": {"reference": "busybox:1.36"}},
+            {"name": "bad", "image": {"reference": "Nginx"}},
+            {"name": "none", "image": {"pullPolicy": "IfNotPresent"}},
+            {"name": "app", "image": {"reference": "alpine:3.19"}},
+        ]
+    )
+    result, resp = run(review(obj))
+    stored = apply(obj, resp)
+    refs = [v["image"].get("reference") for v in stored["spec"]["volumes"]]
+    assert refs == [
+        "busybox:1.36",  # skip: docker.io/library/busybox:*
+        "Nginx",
+        None,
+        "127.0.0.1:31000/library/alpine:3.19",
+    ]
+    assert json.loads(stored["metadata"]["annotations"][ORIGINALS_ANNOTATION]) == {
+        "app": "nginx:1.25",
+        "volume/app": "alpine:3.19",
+    }
+    assert resp["warnings"] == [
+        'mirrorgate: image volume "bad" image "Nginx" is not a valid image reference '
+        "(repository name must be lowercase); left unchanged",
+        'mirrorgate: image volume "none" has no image reference; left unchanged',
+    ]
+
+
+def test_an_unchanged_image_volume_is_left_alone_on_update():
+    old = pod(
+        secrets=[{"name": "mirrorgate-pull"}],
+        volumes=[{"name": "m", "image": {"reference": "ghcr.io/o/m:1"}}],
+    )
+    result, resp = run(review(old, operation="UPDATE", old=old))
+    assert "patch" not in resp and result.outcome == "unchanged"
+
+
+def test_image_volumes_are_judged_by_the_gate_and_checked_on_the_mirror():
+    from mirrorgate.webhook.core.reviews import images_to_validate, mirror_candidates
+
+    obj = pod(volumes=[{"name": "m", "image": {"reference": "ghcr.io/o/m:1"}}])
+    req = parse_review(review(obj))
+    assert images_to_validate(req, CONFIG, own_namespace="mirrorgate") == [
+        "nginx:1.25",
+        "ghcr.io/o/m:1",
+    ]
+    verifying = parse_config("mirrors: [{upstream: ghcr.io, mirror: m.example/ghcr}]")
+    result = review_mutation(req, verifying, own_namespace="mirrorgate")
+    assert mirror_candidates(result) == [("m.example/ghcr/o/m:1",)]
+
+
+@pytest.mark.parametrize(
+    ("volumes", "reason"),
+    [
+        pytest.param(["v"], "request.object.spec.volumes[0]: expected an object", id="a string"),
+        pytest.param(
+            [{"name": "v", "image": "nginx"}],
+            "request.object.spec.volumes[0].image: expected an object, got a string",
+            id="an image that is a string",
+        ),
+        pytest.param(
+            [{"name": "v", "image": {"reference": 7}}],
+            "request.object.spec.volumes[0].image.reference: expected a string, got a number",
+            id="a reference that is a number",
+        ),
+    ],
+)
+def test_malformed_image_volumes_are_rejected_with_the_field(volumes, reason):
+    with pytest.raises(BadReviewError, match=re.escape(reason)):
+        parse_review(review(pod(volumes=volumes)))

@@ -108,7 +108,8 @@ async def test_a_pod_review_is_answered_with_a_patch_over_tls(served, client_ssl
         )
         == 1
     )
-    assert sample("mirrorgate_images_rewritten_total", {"upstream": "docker.io"}) == 2
+    rewritten = {"upstream": "docker.io", "mirror": "127.0.0.1:31000"}
+    assert sample("mirrorgate_images_rewritten_total", rewritten) == 2
     assert sample("mirrorgate_admission_duration_seconds_count", {"webhook": "mutate"}) == 3
 
 

@@ -24,7 +24,12 @@ import yaml
 
 from mirrorgate.deploy.config import DeployConfig, load_config
 from mirrorgate.webhook import __version__
-from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config, ConfigError
+from mirrorgate.webhook.core.config import (
+    DEFAULT_OWN_NAMESPACE,
+    Config,
+    ConfigError,
+    platform_problem,
+)
 from mirrorgate.webhook.core.mutation import decide_image
 
 if TYPE_CHECKING:
@@ -208,15 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
             """\
-            For each image that mirrorgate would rewrite: with a pull-through mirror (type: proxy)
-            pull the manifests and every layer through it so it caches them; with a hosted or
-            copy mirror copy the image from its upstream with all platforms, byte for byte, so
-            tag and index digests stay the same. Credentials and CAs come from `registries` in the
-            config. Prints what happened per image; exit code 1 if any image failed.
+            For each image that mirrorgate would rewrite, on every mirror of its upstream (the
+            fallbacks too): with a pull-through mirror (type: proxy) pull the manifests and the
+            layers through it so it caches them; with a hosted or copy mirror copy the image from
+            its upstream, byte for byte, so tag and index digests stay the same. Credentials and
+            CAs come from `registries` in the config. Prints what happened per image and mirror;
+            exit code 1 if any failed.
+
+            platforms: by default every platform of an image index, or the mirror's `platforms`
+            from the config; --platform overrides both. A copy of a subset is written under a new
+            index listing just those platforms, so its digest differs from the upstream's (with
+            pinDigests, pods are pinned to the digest the mirror serves). An image referenced by
+            digest names the whole index and is always copied whole.
 
             examples:
               mirrorgate prewarm --config mirrorgate.yaml nginx:1.25 ghcr.io/acme/api:2.1
-              mirrorgate prewarm --config mirrorgate.yaml --from-manifests k8s/"""
+              mirrorgate prewarm --config mirrorgate.yaml --from-manifests k8s/
+              mirrorgate prewarm --platform linux/amd64 --platform linux/arm64 nginx:1.25"""
         ),
     )
     prewarm.add_argument("--config", default=None, help=CONFIG_HELP)
@@ -225,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="take the images of every pod template in DIR's YAML/JSON files",
+    )
+    prewarm.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH[/VARIANT]",
+        default=None,
+        help="copy or warm only this platform of an image index (repeatable; default: the "
+        "mirror's platforms, else all)",
     )
     prewarm.add_argument("--json", action="store_true", help="print a JSON report instead")
     prewarm.add_argument(
@@ -349,7 +370,12 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         raise UsageError("no images given (pass IMAGE... or --from-manifests DIR)")
     if args.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
-    results = asyncio.run(prewarm(config, images, concurrency=args.concurrency))
+    for platform in args.platform or ():
+        if (why := platform_problem(platform)) is not None:
+            raise UsageError(f"--platform {why}")
+    results = asyncio.run(
+        prewarm(config, images, concurrency=args.concurrency, platforms=args.platform)
+    )
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -24,6 +24,7 @@ from mirrorgate.webhook.core.config import RegistryAccess, parse_config
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server.app import Settings, create_app
 from mirrorgate.webhook.server.state import REGISTRY, VERIFIER
+from tests.helpers.admission import admission, patched_image
 from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.registries import (
     DOCKER_MANIFEST,
@@ -33,6 +34,7 @@ from tests.helpers.registries import (
     HarnessRegistry,
     head_manifest,
     push_image,
+    registries_yaml,
     registry_requests,
 )
 
@@ -60,24 +62,6 @@ def docker_config_access(reg: HarnessRegistry, tmp: Path) -> RegistryAccess:
     path = tmp / ".dockerconfigjson"
     path.write_text(json.dumps({"auths": {f"https://{reg.host}": {"auth": auth}}}))
     return RegistryAccess(ca_file=str(reg.ca_file), docker_config_file=str(path))
-
-
-def registries_yaml(entries: dict[str, RegistryAccess]) -> str:
-    lines = ["registries:"]
-    for host, a in entries.items():
-        fields = []
-        if a.ca_file:
-            fields.append(f"caFile: {a.ca_file}")
-        if a.plain_http:
-            fields.append("plainHTTP: true")
-        if a.username_file:
-            fields.append(
-                f"auth: {{usernameFile: {a.username_file}, passwordFile: {a.password_file}}}"
-            )
-        if a.docker_config_file:
-            fields.append(f"dockerConfigFile: {a.docker_config_file}")
-        lines.append(f'  "{host}": {{{", ".join(fields)}}}')
-    return "\n".join(lines) + "\n"
 
 
 def run(coro: Any) -> Any:
@@ -190,36 +174,6 @@ def test_one_hundred_concurrent_questions_cost_one_registry_request(plain_regist
 
 
 # --- the webhook with verification ---------------------------------------------------------------
-
-
-def admission(image: str, *, uid: str = "u1", dry_run: bool = False) -> dict[str, Any]:
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE",
-            "namespace": "team-a",
-            "dryRun": dry_run,
-            "object": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": "web"},
-                "spec": {"containers": [{"name": "app", "image": image}]},
-            },
-        },
-    }
-
-
-def patched_image(response: dict[str, Any]) -> str | None:
-    if "patch" not in response:
-        return None
-    for op in json.loads(base64.b64decode(response["patch"])):
-        if op["path"] == "/spec/containers/0/image":
-            return op["value"]
-    return None
 
 
 @pytest.fixture

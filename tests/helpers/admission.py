@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,19 @@ namespaces: {exclude: [kube-system, legacy]}
 )
 
 
-def pod(*, containers=None, init=None, ephemeral=None, secrets=None, annotations=None, name="web"):
+def pod(
+    *,
+    containers=None,
+    init=None,
+    ephemeral=None,
+    secrets=None,
+    annotations=None,
+    name="web",
+    volumes=None,
+):
     spec = {"containers": containers or [{"name": "app", "image": "nginx:1.25"}]}
+    if volumes is not None:
+        spec["volumes"] = volumes
     if init is not None:
         spec["initContainers"] = init
     if ephemeral is not None:
@@ -113,3 +125,36 @@ def write_gate_config(
         + events
     )
     return path
+
+
+# --- one-container reviews for the verifying webhook (tests/e2e) ---
+
+
+def admission(image: str, *, uid: str = "u1", dry_run: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": "team-a",
+            "dryRun": dry_run,
+            "object": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web"},
+                "spec": {"containers": [{"name": "app", "image": image}]},
+            },
+        },
+    }
+
+
+def patched_image(response: dict[str, Any]) -> str | None:
+    if "patch" not in response:
+        return None
+    for op in json.loads(base64.b64decode(response["patch"])):
+        if op["path"] == "/spec/containers/0/image":
+            return op["value"]
+    return None

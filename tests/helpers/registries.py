@@ -53,6 +53,7 @@ from cryptography.x509.oid import NameOID
 
 from mirrorgate.certs.pki import KeyPair, generate_ca, issue_serving
 from mirrorgate.devtools.localcluster import LocalClusterError, LocalRegistry, free_port
+from mirrorgate.webhook.core.config import RegistryAccess
 
 log = logging.getLogger(__name__)
 
@@ -995,3 +996,21 @@ def access_log_requests(
             continue
         count += 1
     return count
+
+
+def registries_yaml(entries: dict[str, RegistryAccess]) -> str:
+    lines = ["registries:"]
+    for host, a in entries.items():
+        fields = []
+        if a.ca_file:
+            fields.append(f"caFile: {a.ca_file}")
+        if a.plain_http:
+            fields.append("plainHTTP: true")
+        if a.username_file:
+            fields.append(
+                f"auth: {{usernameFile: {a.username_file}, passwordFile: {a.password_file}}}"
+            )
+        if a.docker_config_file:
+            fields.append(f"dockerConfigFile: {a.docker_config_file}")
+        lines.append(f'  "{host}": {{{", ".join(fields)}}}')
+    return "\n".join(lines) + "\n"

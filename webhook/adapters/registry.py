@@ -55,6 +55,8 @@ MAX_TOKENS = 4096
 FAILURE_LOG_INTERVAL = 60.0
 
 ErrorKind = Literal["auth", "not_found", "network", "timeout", "tls", "server", "protocol"]
+# Failures that say the registry itself is unreachable, not that one image is missing.
+HOST_FAILURES = frozenset({"network", "timeout", "tls"})
 
 
 class RegistryError(Exception):
@@ -315,6 +317,10 @@ class RegistryClient:
         # host -> "basic" | "bearer" | "none", learned
         self._schemes: LRUCache[str, str] = LRUCache(MAX_HOSTS)
         self._failures = _FailureLog(clock)
+        # host -> (until, error): manifest requests that could not reach it (HOST_FAILURES). A
+        # plain dict, bounded by hand: every admission's mirror check looks here, nearly always
+        # at an empty one.
+        self._unreachable: dict[str, tuple[float, RegistryError]] = {}
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._on_request = on_request
@@ -419,6 +425,20 @@ class RegistryClient:
         self.stats.cache_hits += 1
         return entry.value
 
+    def unreachable(self, host: str) -> RegistryError | None:
+        """Why ``host`` could not be reached, if a manifest request to it failed that way within
+        the negative TTL and none succeeded since; else None. Callers that can go elsewhere
+        (the next mirror) skip it instead of waiting on it again."""
+        if not self._unreachable:
+            return None
+        seen = self._unreachable.get(host)
+        if seen is None:
+            return None
+        if seen[0] <= self._clock():
+            self._unreachable.pop(host, None)
+            return None
+        return RegistryError(seen[1].kind, str(seen[1]))
+
     def forget(self, host: str, repository: str, reference: str) -> None:
         for op in ("head", "get"):
             self._cache.pop((op, host, repository, reference), None)
@@ -471,7 +491,13 @@ class RegistryClient:
             error = RegistryError(err.kind, str(err))
             self._store(key, _CacheEntry(self._clock() + settings.negative_ttl, None, error))
             self._failures.note(key[1], err)
+            if err.kind in HOST_FAILURES:
+                if len(self._unreachable) >= MAX_HOSTS and key[1] not in self._unreachable:
+                    self._unreachable.pop(next(iter(self._unreachable)))
+                self._unreachable[key[1]] = (self._clock() + settings.negative_ttl, error)
             raise
+        if self._unreachable:
+            self._unreachable.pop(key[1], None)
         self._store(key, _CacheEntry(self._clock() + settings.positive_ttl, value))
         if key[0] == "get" and isinstance(value, Manifest) and key[3] != value.digest:
             # Content-addressed: the manifest a tag resolved to is also the one its digest names.

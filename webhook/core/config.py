@@ -51,6 +51,33 @@ DEFAULT_VERIFY_TIMEOUT = 2.0
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
+# GOOS and GOARCH values images are built for (an OCI index's platform.os/.architecture).
+PLATFORM_OS = frozenset(
+    {"linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos", "aix"}
+)
+PLATFORM_ARCH = frozenset(
+    {"amd64", "arm64", "arm", "386", "ppc64le", "ppc64", "s390x", "riscv64", "mips64le", "loong64"}
+)
+_VARIANT = re.compile(r"^v[0-9]+$")
+
+
+def platform_problem(value: Any) -> str | None:
+    """Why ``value`` is not an ``os/arch[/variant]`` platform as image indexes name them, or
+    None when it is one."""
+    parts = value.split("/") if isinstance(value, str) else []
+    if (
+        len(parts) in (2, 3)
+        and parts[0] in PLATFORM_OS
+        and parts[1] in PLATFORM_ARCH
+        and (len(parts) == 2 or _VARIANT.match(parts[2]))
+    ):
+        return None
+    return (
+        f"{value!r} is not a platform os/arch[/variant] (os one of "
+        f"{', '.join(sorted(PLATFORM_OS))}; arch one of {', '.join(sorted(PLATFORM_ARCH))})"
+    )
+
+
 NamespaceMode = Literal["optIn", "clusterWide"]
 NAMESPACE_MODES: tuple[NamespaceMode, ...] = ("optIn", "clusterWide")
 
@@ -73,6 +100,8 @@ class Mirror:
     mirror: str  # host[:port][/path-prefix], as the nodes pull from it
     verify: bool = True  # confirm the mirror can serve an image before rewriting to it
     type: MirrorType = "proxy"
+    # os/arch[/variant] a copy mirror (and prewarm) copies of an image index; () means all.
+    platforms: tuple[str, ...] = ()
 
     def matches(self, ref: ImageReference) -> bool:
         if self.upstream == CATCH_ALL:
@@ -211,12 +240,23 @@ class Config:
         return self.pin_digests or any(m.verify for m in self.mirrors)
 
     def mirror_for(self, ref: ImageReference) -> Mirror | None:
-        """The most specific mirror whose upstream covers ``ref``, or None."""
-        best: Mirror | None = None
+        """The most specific mirror whose upstream covers ``ref`` (the first of several for that
+        upstream), or None."""
+        found = self.mirrors_for(ref)
+        return found[0] if found else None
+
+    def mirrors_for(self, ref: ImageReference) -> tuple[Mirror, ...]:
+        """Every mirror of the most specific upstream that covers ``ref``, in priority order
+        (the order of ``mirrors``)."""
+        best: list[Mirror] = []
         for m in self.mirrors:
-            if m.matches(ref) and (best is None or m.specificity > best.specificity):
-                best = m
-        return best
+            if not m.matches(ref):
+                continue
+            if not best or m.specificity > best[0].specificity:
+                best = [m]
+            elif m.specificity == best[0].specificity and m.upstream == best[0].upstream:
+                best.append(m)
+        return tuple(best)
 
     def mirror_serving(self, ref: ImageReference) -> Mirror | None:
         """The mirror ``ref`` already points at, if any."""
@@ -606,10 +646,10 @@ class Validator:
             self.fail("mirrors", f"must be a list, got {type_name(value)}")
             return ()
         out: list[Mirror] = []
-        seen: dict[str, int] = {}
+        seen: dict[tuple[str, str], str] = {}
         for i, item in enumerate(value):
             path = f"mirrors[{i}]"
-            m = self.mapping(item, path, ("upstream", "mirror", "verify", "type"))
+            m = self.mapping(item, path, ("upstream", "mirror", "verify", "type", "platforms"))
             if m is None:
                 continue
             for key in ("upstream", "mirror"):
@@ -618,22 +658,62 @@ class Validator:
             upstream = (
                 self.upstream(m.get("upstream"), f"{path}.upstream") if "upstream" in m else None
             )
-            mirror = self.mirror(m.get("mirror"), f"{path}.mirror") if "mirror" in m else None
-            if upstream is None or mirror is None:
-                continue
-            if upstream in seen:
-                self.fail(
-                    f"{path}.upstream",
-                    f"{upstream!r} is already mapped by mirrors[{seen[upstream]}]",
-                )
-                continue
-            seen[upstream] = i
+            # One mirror, or several in priority order: tried in that order at admission.
+            raw = m.get("mirror")
+            if isinstance(raw, list):
+                if not raw:
+                    self.fail(f"{path}.mirror", "an empty list: name at least one mirror")
+                locations = [self.mirror(r, f"{path}.mirror[{j}]") for j, r in enumerate(raw)]
+            else:
+                locations = [self.mirror(raw, f"{path}.mirror")] if "mirror" in m else []
             verify = self.boolean(m.get("verify", True), f"{path}.verify")
             mtype = m.get("type", "proxy")
             if mtype not in MIRROR_TYPES:
                 self.fail(f"{path}.type", f"{mtype!r} is not one of {', '.join(MIRROR_TYPES)}")
                 mtype = "proxy"
-            out.append(Mirror(upstream=upstream, mirror=mirror, verify=verify, type=mtype))
+            platforms = self.platforms(m.get("platforms", []), f"{path}.platforms")
+            if upstream is None:
+                continue
+            for j, mirror in enumerate(locations):
+                if mirror is None:
+                    continue
+                where = f"{path}.mirror[{j}]" if isinstance(raw, list) else f"{path}.mirror"
+                if (upstream, mirror) in seen:
+                    self.fail(
+                        where,
+                        f"{mirror!r} is already listed for {upstream!r} by "
+                        f"{seen[(upstream, mirror)]}",
+                    )
+                    continue
+                seen[(upstream, mirror)] = where
+                out.append(
+                    Mirror(
+                        upstream=upstream,
+                        mirror=mirror,
+                        verify=verify,
+                        type=mtype,
+                        platforms=platforms,
+                    )
+                )
+        return tuple(out)
+
+    def platforms(self, value: Any, path: str) -> tuple[str, ...]:
+        """``os/arch[/variant]`` strings as OCI image indexes name them."""
+        if not isinstance(value, list):
+            self.fail(
+                path, f"must be a list like [linux/amd64, linux/arm64], got {type_name(value)}"
+            )
+            return ()
+        out: list[str] = []
+        for j, item in enumerate(value):
+            problem = platform_problem(item)
+            if problem is not None:
+                self.fail(f"{path}[{j}]", problem)
+                continue
+            if item in out:
+                self.fail(f"{path}[{j}]", f"{item!r} is listed twice")
+                continue
+            out.append(item)
         return tuple(out)
 
     def upstream(self, value: Any, path: str) -> str | None:

@@ -1,5 +1,5 @@
-"""Pod in, mutated pod and warnings out: image rewriting, ``imagePullSecrets``, the originals
-annotation.
+"""Pod in, mutated pod and warnings out: image rewriting (containers of every kind and image
+volumes), ``imagePullSecrets``, the originals annotation.
 
 Pure: no HTTP, no Kubernetes client. Mutation changes a copy of the submitted object and records
 each change as an RFC 6902 operation in ``MutationResult.patch`` at the moment it makes it: the
@@ -12,15 +12,15 @@ yields exactly ``MutationResult.obj``. A second pass over its own output changes
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import orjson
-from cachetools import LRUCache
 
-from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.config import Config, Mirror
 from mirrorgate.webhook.core.images import (
     REFERENCE_MAX,
     InvalidReferenceError,
@@ -34,6 +34,11 @@ PINNED_ANNOTATION = "mirrorgate.io/pinned-digests"
 SKIP_ANNOTATION = "mirrorgate.io/skip"
 # Order of a pod's container lists; Kubernetes requires names to be unique across all three.
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
+# Image volumes (``spec.volumes[].image.reference``, Kubernetes 1.31+) are pulled like images.
+VOLUMES = "volumes"
+IMAGE_FIELDS = (*CONTAINER_FIELDS, VOLUMES)
+# Their key in the originals annotation: container names are DNS labels, never with a slash.
+VOLUME_KEY = "volume/"
 WARNING_PREFIX = "mirrorgate: "
 _MAX_QUOTED = 120
 
@@ -75,6 +80,12 @@ class ImageDecision:
     pinned: str | None = None  # the digest added by pinDigests
     fallback_reason: str | None = None  # MirrorCheck.reason when the mirror could not serve
     needs_check: bool = False  # the mirror must be asked before this rewrite is final
+    mirror: str | None = None  # the chosen mirrors[].mirror (or the first tried, when none)
+    # What to ask the mirrors before this rewrite is final: ``candidate``, then the references of
+    # the lower-priority mirrors, tried in that order if it cannot serve (set with needs_check).
+    choices: tuple[str, ...] = ()
+    # Higher-priority mirrors that could not serve it: (mirrors[].mirror, MirrorCheck.reason).
+    passed_over: tuple[tuple[str, str], ...] = ()
 
     @property
     def image(self) -> str:
@@ -93,25 +104,45 @@ class ImageDecision:
 
 
 _MEMO_LIMIT = 10_000
-_memo: tuple[Config, LRUCache[str, ImageDecision]] | None = None
+_memo: tuple[Config, Callable[[str], ImageDecision]] | None = None
+
+
+class _NotMemoized(Exception):
+    """Carries a decision out of the memo without keeping it there."""
+
+    def __init__(self, decision: ImageDecision) -> None:
+        self.decision = decision
+
+
+def _memoized(config: Config) -> Callable[[str], ImageDecision]:
+    # functools' C LRU: a hit costs a dict lookup; cachetools' LRUCache.get was a third of a
+    # /mutate's CPU in the decision path (profiled with 30-image pods).
+    @functools.lru_cache(maxsize=_MEMO_LIMIT)
+    def decide(image: str) -> ImageDecision:
+        decision = _decide_image(image, config, None)
+        # Invalid references are what an attacker varies at will; they cost one failed parse
+        # and are never kept (an exception's result is not cached).
+        if decision.reason == "invalid":
+            raise _NotMemoized(decision)
+        return decision
+
+    return decide
 
 
 def decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
     """Memoized per config for the offline decision (``checks`` None): a config never changes
-    after loading and a decision is a pure function of the image and the config."""
+    after loading and a decision is a pure function of the image and the config. Keys are at
+    most ``REFERENCE_MAX`` characters, so the memo is bounded in bytes too."""
     global _memo
     if checks is not None or len(image) > REFERENCE_MAX:
         return _decide_image(image, config, checks)
     memo = _memo
     if memo is None or memo[0] is not config:
-        memo = _memo = (config, LRUCache(_MEMO_LIMIT))
-    decision = memo[1].get(image)
-    if decision is None:
-        decision = _decide_image(image, config, None)
-        # Invalid references are what an attacker varies at will; they cost one failed parse.
-        if decision.reason != "invalid":
-            memo[1][image] = decision
-    return decision
+        memo = _memo = (config, _memoized(config))
+    try:
+        return memo[1](image)
+    except _NotMemoized as err:
+        return err.decision
 
 
 def _decide_image(image: str, config: Config, checks: Checks | None = None) -> ImageDecision:
@@ -131,51 +162,88 @@ def _decide_image(image: str, config: Config, checks: Checks | None = None) -> I
         return ImageDecision(input=image, reason="already-mirrored", normalized=normalized)
     if any(fnmatchcase(normalized, pattern) for pattern in config.skip):
         return ImageDecision(input=image, reason="skipped", normalized=normalized)
-    mirror = config.mirror_for(ref)
-    if mirror is None:
+    mirrors = config.mirrors_for(ref)
+    if not mirrors:
         return ImageDecision(input=image, reason="no-mirror", normalized=normalized)
-    try:
-        rewritten = with_mirror(ref, mirror.mirror)
-    except InvalidReferenceError as err:
-        # e.g. the mirror's path prefix pushes the repository past the 255-character limit.
+    # The mirrors' references in priority order; one whose path prefix pushes the repository
+    # past the 255-character limit cannot take this image at all.
+    tried: list[tuple[Mirror, str]] = []
+    unmirrorable: list[str] = []
+    for m in mirrors:
+        try:
+            tried.append((m, with_mirror(ref, m.mirror)))
+        except InvalidReferenceError as err:
+            unmirrorable.append(f"cannot be rewritten to mirror {m.mirror}: {err.reason or err}")
+    upstream = mirrors[0].upstream
+    if not tried:
         return ImageDecision(
             input=image,
             reason="unmirrorable",
             normalized=normalized,
-            upstream=mirror.upstream,
-            detail=f"cannot be rewritten to mirror {mirror.mirror}: {err.reason or err}",
+            upstream=upstream,
+            detail="; ".join(unmirrorable),
         )
-    check = checks.get(rewritten) if checks is not None else None
-    if checks is not None and mirror.verify and (check is None or not check.ok):
-        reason = check.reason if check else "unchecked"
+    passed: list[tuple[str, str]] = []
+    first_failure: tuple[Mirror, str, MirrorCheck | None] | None = None
+    for i, (mirror, rewritten) in enumerate(tried):
+        if checks is None:
+            # Offline, or the first pass: assume the first mirror can serve it.
+            return ImageDecision(
+                input=image,
+                reason="rewritten",
+                normalized=normalized,
+                rewritten=rewritten,
+                upstream=upstream,
+                candidate=rewritten,
+                needs_check=mirror.verify or config.pin_digests,
+                mirror=mirror.mirror,
+                choices=(
+                    (rewritten, *(r for _, r in tried[i + 1 :])) if mirror.verify else (rewritten,)
+                ),
+            )
+        check = checks.get(rewritten)
+        if mirror.verify and (check is None or not check.ok):
+            reason = (check.reason if check else None) or "unchecked"
+            passed.append((mirror.mirror, reason))
+            if first_failure is None:
+                first_failure = (mirror, rewritten, check)
+            continue
+        pinned = None
+        candidate = rewritten
+        if config.pin_digests and ref.digest is None and check is not None and check.digest:
+            pinned = check.digest
+            rewritten = f"{rewritten}@{pinned}"
         return ImageDecision(
             input=image,
-            reason="mirror-unavailable",
+            reason="rewritten",
             normalized=normalized,
-            upstream=mirror.upstream,
-            candidate=rewritten,
-            fallback_reason=reason,
-            detail=(check.detail if check and check.detail else f"mirror check: {reason}"),
+            rewritten=rewritten,
+            upstream=upstream,
+            candidate=candidate,
+            pinned=pinned,
+            needs_check=mirror.verify or config.pin_digests,
+            mirror=mirror.mirror,
+            passed_over=tuple(passed),
         )
-    candidate, pinned = rewritten, None
-    if config.pin_digests and ref.digest is None and check is not None and check.digest:
-        pinned = check.digest
-        rewritten = f"{rewritten}@{pinned}"
+    assert first_failure is not None  # every mirror was tried and failed its check
+    mirror, rewritten, check = first_failure
+    reason = passed[0][1]
     return ImageDecision(
         input=image,
-        reason="rewritten",
+        reason="mirror-unavailable",
         normalized=normalized,
-        rewritten=rewritten,
-        upstream=mirror.upstream,
-        candidate=candidate,
-        pinned=pinned,
-        needs_check=mirror.verify or config.pin_digests,
+        upstream=upstream,
+        candidate=rewritten,
+        fallback_reason=reason,
+        detail=(check.detail if check and check.detail else f"mirror check: {reason}"),
+        mirror=mirror.mirror,
+        passed_over=tuple(passed),
     )
 
 
 @dataclass(slots=True)
 class ContainerDecision:
-    field: str  # containers | initContainers | ephemeralContainers
+    field: str  # containers | initContainers | ephemeralContainers | volumes (image volumes)
     name: str
     decision: ImageDecision
     applied: bool  # False when the image was left alone although it could be rewritten
@@ -235,27 +303,45 @@ def mutate_pod(
     originals: dict[str, str] = {}
     pinned: dict[str, str] = {}
     patch = result.patch
-    for fld in CONTAINER_FIELDS:
-        for index, container in _indexed(spec, fld):
-            name = str(container.get("name", ""))
-            image = container.get("image")
-            if not isinstance(image, str) or not image:
-                continue
-            if operation == "UPDATE" and old_images.get((fld, name)) == image:
-                continue
-            decision = decide_image(image, config, checks)
-            applied = decision.reason == "rewritten" and may_rewrite
-            result.containers.append(ContainerDecision(fld, name, decision, applied))
-            if applied:
-                container["image"] = decision.image
-                patch.append(
-                    {"op": "replace", "path": f"/spec/{fld}/{index}/image", "value": decision.image}
+
+    def visit(fld: str, index: int, name: str, holder: dict[str, Any], key: str) -> None:
+        image = holder.get(key)
+        if not isinstance(image, str) or not image:
+            if fld == VOLUMES and operation != "UPDATE":
+                result.warnings.append(
+                    f"{WARNING_PREFIX}image volume {_quote(name)} has no image reference; "
+                    "left unchanged"
                 )
-                originals[name] = image
-                if decision.pinned:
-                    pinned[name] = decision.pinned
-            else:
+            return
+        if operation == "UPDATE" and old_images.get((fld, name)) == image:
+            return
+        decision = decide_image(image, config, checks)
+        applied = decision.reason == "rewritten" and may_rewrite
+        result.containers.append(ContainerDecision(fld, name, decision, applied))
+        if applied:
+            holder[key] = decision.image
+            patch.append({"op": "replace", "path": _slot_path(fld, index), "value": decision.image})
+            recorded = VOLUME_KEY + name if fld == VOLUMES else name
+            originals[recorded] = image
+            if decision.pinned:
+                pinned[recorded] = decision.pinned
+            if decision.passed_over:
                 result.warnings.extend(_warnings_for(fld, name, decision, may_rewrite, secret))
+        else:
+            result.warnings.extend(_warnings_for(fld, name, decision, may_rewrite, secret))
+
+    # image_slots' order, without a generator and a pointer per container on the hot path.
+    for fld in CONTAINER_FIELDS:
+        items = spec.get(fld)
+        if isinstance(items, list):
+            for index, c in enumerate(items):
+                if isinstance(c, dict):
+                    visit(fld, index, str(c.get("name", "")), c, "image")
+    volumes = spec.get(VOLUMES)
+    if isinstance(volumes, list):
+        for index, v in enumerate(volumes):
+            if isinstance(v, dict) and isinstance(v.get("image"), dict):
+                visit(VOLUMES, index, str(v.get("name", "")), v["image"], "reference")
 
     if originals:
         if operation != "UPDATE" and secret is not None and not has_secret:
@@ -297,7 +383,7 @@ def mutate_ephemeral_containers(
                     "value": decision.image,
                 }
             )
-        else:
+        if not applied or decision.passed_over:
             result.warnings.extend(_warnings_for("ephemeralContainers", name, decision, True, None))
     return result
 
@@ -320,7 +406,45 @@ def _copy_mutable_parts(pod: dict[str, Any]) -> dict[str, Any]:
         for fld in CONTAINER_FIELDS:
             if isinstance(spec.get(fld), list):
                 spec[fld] = [dict(c) if isinstance(c, dict) else c for c in spec[fld]]
+        volumes = spec.get(VOLUMES)
+        if isinstance(volumes, list) and any(type(v) is dict and "image" in v for v in volumes):
+            spec[VOLUMES] = [
+                {**v, "image": dict(v["image"])} if _is_image_volume(v) else v for v in volumes
+            ]
     return out
+
+
+def _is_image_volume(volume: Any) -> bool:
+    return isinstance(volume, dict) and isinstance(volume.get("image"), dict)
+
+
+def _slot_path(fld: str, index: int) -> str:
+    """The JSON Pointer of image slot ``index`` of ``fld``."""
+    if fld == VOLUMES:
+        return f"/spec/{VOLUMES}/{index}/image/reference"
+    return f"/spec/{fld}/{index}/image"
+
+
+def image_slots(spec: Any) -> Iterator[tuple[str, str, dict[str, Any], str, int]]:
+    """Every place of a pod spec that names an image to pull, in a fixed order: (field, name,
+    the dict holding it, its key there, its index in the field's list).
+
+    Containers (init, regular, ephemeral) hold it in ``image``, image volumes in
+    ``image.reference``; names are unique within each kind, so (field, name) identifies a slot.
+    """
+    if not isinstance(spec, dict):
+        return
+    for fld in CONTAINER_FIELDS:
+        items = spec.get(fld)
+        if isinstance(items, list):
+            for i, c in enumerate(items):
+                if isinstance(c, dict):
+                    yield fld, str(c.get("name", "")), c, "image", i
+    volumes = spec.get(VOLUMES)
+    if isinstance(volumes, list):
+        for i, v in enumerate(volumes):
+            if _is_image_volume(v):
+                yield VOLUMES, str(v.get("name", "")), v["image"], "reference", i
 
 
 def _json_copy(value: Any) -> Any:
@@ -334,13 +458,6 @@ def _json_copy(value: Any) -> Any:
     if t in (str, int, float, bool) or value is None:
         return value
     return copy.deepcopy(value)
-
-
-def _containers(spec: dict[str, Any], fld: str) -> list[dict[str, Any]]:
-    items = spec.get(fld)
-    if not isinstance(items, list):
-        return []
-    return [c for c in items if isinstance(c, dict)]
 
 
 def _indexed(spec: dict[str, Any], fld: str) -> list[tuple[int, dict[str, Any]]]:
@@ -402,13 +519,7 @@ def _pointer(key: str) -> str:
 
 
 def _images_by_name(spec: Any) -> dict[tuple[str, str], Any]:
-    if not isinstance(spec, dict):
-        return {}
-    return {
-        (fld, str(c.get("name", ""))): c.get("image")
-        for fld in CONTAINER_FIELDS
-        for c in _containers(spec, fld)
-    }
+    return {(fld, name): holder.get(key) for fld, name, holder, key, _ in image_slots(spec)}
 
 
 def _warnings_for(
@@ -425,20 +536,45 @@ def _warnings_for(
             f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: "
             f"{decision.detail}"
         ]
-    if decision.reason == "mirror-unavailable":
-        host = (decision.candidate or "").split("/", 1)[0]
-        why = _FALLBACK_WHY.get(decision.fallback_reason or "", decision.fallback_reason or "")
-        return [
-            f"{WARNING_PREFIX}{where} keeps image {_quote(decision.input)}: mirror {host} "
-            f"cannot serve it ({why})"
-        ]
     if decision.reason == "rewritten" and not may_rewrite:
         return [
             f"{WARNING_PREFIX}{where} image {_quote(decision.input)} left unchanged: the pod lacks "
             f"imagePullSecret {_quote(secret or '')}, which cannot be added on update; "
             "recreate the pod to use the mirror"
         ]
-    return []
+    fallback = fallback_message(fld, name, decision)
+    return [WARNING_PREFIX + fallback] if fallback is not None else []
+
+
+def fallback_message(fld: str, name: str, decision: ImageDecision) -> str | None:
+    """What the user is told when a mirror could not serve an image (the admission warning and
+    the MirrorFallback Event), or None when every mirror asked could."""
+    where = f"{_kind_label(fld)} {_quote(name)}"
+    if decision.reason == "mirror-unavailable":
+        if len(decision.passed_over) > 1:
+            return (
+                f"{where} keeps image {_quote(decision.input)}: no mirror can serve it "
+                f"({_passed_over(decision)})"
+            )
+        host = (decision.candidate or "").split("/", 1)[0]
+        why = _FALLBACK_WHY.get(decision.fallback_reason or "", decision.fallback_reason or "")
+        return (
+            f"{where} keeps image {_quote(decision.input)}: mirror {host} cannot serve it ({why})"
+        )
+    if decision.reason == "rewritten" and decision.passed_over:
+        return (
+            f"{where} image {_quote(decision.input)} rewritten to mirror {decision.mirror}: "
+            f"{_passed_over(decision)}"
+        )
+    return None
+
+
+def _passed_over(decision: ImageDecision) -> str:
+    """``mirror a.example cannot serve it (not on the mirror), mirror b.example ...``"""
+    return ", ".join(
+        f"mirror {mirror} cannot serve it ({_FALLBACK_WHY.get(reason, reason)})"
+        for mirror, reason in decision.passed_over
+    )
 
 
 def _record(pod: dict[str, Any], annotation: str, values: dict[str, str]) -> None:
@@ -464,6 +600,7 @@ def _kind_label(fld: str) -> str:
         "containers": "container",
         "initContainers": "init container",
         "ephemeralContainers": "ephemeral container",
+        VOLUMES: "image volume",
     }[fld]
 
 

@@ -20,6 +20,7 @@ from mirrorgate.webhook.core.mutation import (
     Checks,
     ContainerDecision,
     MutationResult,
+    image_slots,
     mutate_ephemeral_containers,
     mutate_pod,
 )
@@ -160,6 +161,14 @@ def _checked_object(obj: Any, where: str) -> Any:
             f"{where}.spec has {len(volumes)} volumes; mirrorgate reviews pods of up to "
             f"{MAX_VOLUMES}"
         )
+    for i, v in enumerate(volumes or ()):
+        at = f"{where}.spec.volumes[{i}]"
+        if not isinstance(v, dict):
+            raise BadReviewError(f"{at}: expected an object, got {_kind(v)}")
+        image = _optional(v.get("image"), dict, f"{at}.image")
+        if image is not None:
+            _optional(v.get("name"), str, f"{at}.name")
+            _optional(image.get("reference"), str, f"{at}.image.reference")
     return obj
 
 
@@ -225,12 +234,14 @@ def review_mutation(
     return _respond(req, result)
 
 
-def mirror_candidates(result: ReviewResult) -> list[str]:
-    """The mirror references a first pass would rewrite to and that must be checked first."""
-    seen: dict[str, None] = {}
+def mirror_candidates(result: ReviewResult) -> list[tuple[str, ...]]:
+    """What must be checked before a first pass's rewrites are final: per image, the mirror
+    reference it would rewrite to, then those of the lower-priority mirrors of its upstream."""
+    seen: dict[tuple[str, ...], None] = {}
     for c in result.containers:
-        if c.applied and c.decision.needs_check and c.decision.candidate:
-            seen[c.decision.candidate] = None
+        d = c.decision
+        if c.applied and d.needs_check and d.choices:
+            seen[d.choices] = None
     return list(seen)
 
 
@@ -248,29 +259,30 @@ def images_to_validate(req: AdmissionRequest, config: Config, *, own_namespace: 
     if config.namespaces.excluded(req.namespace, own_namespace=own_namespace):
         return []
     if req.kind == "EphemeralContainers":
-        containers = _listed(req.obj, ("ephemeralContainers",))
-        old = (
-            _listed(req.old_obj, ("ephemeralContainers",)) if isinstance(req.old_obj, dict) else {}
-        )
+        # The 1.20/1.21 object: its ephemeralContainers list is shaped like a pod spec's.
+        containers = _listed(req.obj, ephemeral_only=True)
+        old = _listed(req.old_obj, ephemeral_only=True)
     elif req.kind == "Pod":
-        spec = req.obj.get("spec") if isinstance(req.obj.get("spec"), dict) else {}
-        containers = _listed(spec, CONTAINER_FIELDS)
+        containers = _listed(req.obj.get("spec"))
         old_spec = (req.old_obj or {}).get("spec") if isinstance(req.old_obj, dict) else None
-        old = _listed(old_spec, CONTAINER_FIELDS) if req.operation == "UPDATE" else {}
+        old = _listed(old_spec) if req.operation == "UPDATE" else {}
     else:
         return []
     images = [img for key, img in containers.items() if old.get(key) != img]
     return list(dict.fromkeys(images))
 
 
-def _listed(spec: Any, fields: tuple[str, ...]) -> dict[tuple[str, str], str]:
+def _listed(spec: Any, *, ephemeral_only: bool = False) -> dict[tuple[str, str], str]:
+    """(field, name) -> image of every container and image volume of ``spec`` that names one."""
     out: dict[tuple[str, str], str] = {}
-    if not isinstance(spec, dict):
-        return out
-    for fld in fields:
-        for c in spec.get(fld) or []:
-            if isinstance(c, dict) and isinstance(c.get("image"), str) and c["image"]:
-                out[(fld, str(c.get("name", "")))] = c["image"]
+    for fld, name, holder, key, _ in image_slots(spec):
+        image = holder.get(key)
+        if (
+            isinstance(image, str)
+            and image
+            and (fld == "ephemeralContainers" or not ephemeral_only)
+        ):
+            out[(fld, name)] = image
     return out
 
 

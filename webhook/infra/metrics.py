@@ -85,8 +85,16 @@ class Metrics:
         )
         self.images_rewritten = Counter(
             "mirrorgate_images_rewritten",
-            "Images rewritten to a mirror, by the configured upstream that matched.",
-            ["upstream"],
+            "Images rewritten to a mirror, by the configured upstream that matched and the "
+            "mirror chosen.",
+            ["upstream", "mirror"],
+            registry=r,
+        )
+        self.mirrors_passed_over = Counter(
+            "mirrorgate_mirror_passed_over",
+            "Mirrors that could not serve an image at admission, so the next mirror of its "
+            "upstream (or the original registry) was used, by reason.",
+            ["upstream", "mirror", "reason"],
             registry=r,
         )
         self.images_left = Counter(

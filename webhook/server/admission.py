@@ -52,16 +52,19 @@ async def review_mutate(request: web.Request, req: AdmissionRequest, started: fl
     if verifier is not None and candidates:
         now = time.perf_counter()
         # Second pass with what the mirror said: fall back or pin digests.
-        checks = await verifier.check_all(
+        checks = await verifier.check_choices(
             candidates[:MAX_CHECKS],
             budget=max(0.01, deadline - now - (now - started)),
             allow_copy=not req.dry_run,
         )
-        for candidate in candidates[MAX_CHECKS:]:
-            checks[candidate] = TOO_MANY
-        # The first pass assumed every mirror can serve; with that confirmed and no digests
-        # to pin, a second pass would compute the same result.
-        if config.pin_digests or not all(c.ok for c in checks.values()):
+        for group in candidates[MAX_CHECKS:]:
+            for candidate in group:
+                checks.setdefault(candidate, TOO_MANY)
+        # The first pass assumed each image's first mirror can serve it; with that confirmed
+        # and no digests to pin, a second pass would compute the same result.
+        if config.pin_digests or not all(
+            (check := checks.get(group[0])) is not None and check.ok for group in candidates
+        ):
             result = review_mutation(
                 req, config, own_namespace=settings.own_namespace, checks=checks
             )
@@ -106,10 +109,15 @@ async def _ensure_pull_secret(
 
 
 def _count_images(metrics: Metrics, result: ReviewResult) -> None:
-    rewritten: dict[str, int] = {}
+    rewritten: dict[tuple[str, str], int] = {}
     for c in result.containers:
-        if c.applied and c.decision.upstream is not None:
-            rewritten[c.decision.upstream] = rewritten.get(c.decision.upstream, 0) + 1
+        upstream = c.decision.upstream
+        for mirror, reason in c.decision.passed_over:
+            # Label values from the config (mirrors[]) and MirrorCheck's bounded reasons.
+            metrics.child(metrics.mirrors_passed_over, upstream or "", mirror, reason).inc()
+        if c.applied and upstream is not None:
+            key = (upstream, c.decision.mirror or "")
+            rewritten[key] = rewritten.get(key, 0) + 1
         elif c.decision.reason == "invalid":
             metrics.images_left.labels("invalid_reference").inc()
         elif c.decision.reason == "unmirrorable":
@@ -120,8 +128,8 @@ def _count_images(metrics: Metrics, result: ReviewResult) -> None:
             ).inc()
         elif c.decision.reason == "rewritten":
             metrics.images_left.labels("missing_pull_secret").inc()
-    for upstream, n in rewritten.items():
-        metrics.child(metrics.images_rewritten, upstream).inc(n)
+    for (upstream, mirror), n in rewritten.items():
+        metrics.child(metrics.images_rewritten, upstream, mirror).inc(n)
 
 
 def _log_result(req: AdmissionRequest, result: ReviewResult, elapsed: float) -> None:
@@ -136,6 +144,11 @@ def _log_result(req: AdmissionRequest, result: ReviewResult, elapsed: float) -> 
     }
     changed = [
         {"container": c.name, "from": c.decision.input, "to": c.decision.image}
+        | (
+            {"passed_over": [{"mirror": m, "reason": r} for m, r in c.decision.passed_over]}
+            if c.decision.passed_over
+            else {}
+        )
         for c in result.containers
         if c.applied
     ]
