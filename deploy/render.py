@@ -764,7 +764,11 @@ def rbac_rules(
     """
     d = deploy_settings(config)
     target = Target.from_config(config, own_namespace=d.namespace)
-    rules = serve_rules(target) if target is not None else base_rbac_rules(d.namespace)
+    rules = (
+        serve_rules(target, events=config.events)
+        if target is not None
+        else base_rbac_rules(d.namespace, events=config.events)
+    )
     cluster = [dict(r) for r in rules.cluster]
     namespaced: dict[str, list[dict[str, Any]]] = {}
     for ns, ns_rules in rules.namespaced:
@@ -1255,6 +1259,8 @@ class _Webhook:
                 validating_webhook_configuration(
                     self.release,
                     failure_policy=self.d.failure_policy,
+                    # A denial is posted as an Event (core.events); never on dry runs.
+                    side_effects="NoneOnDryRun" if config.events else "None",
                     timeout_seconds=_clamp(math.ceil(config.scan.admission_budget) + 5, 10, 30),
                     **common,
                 )

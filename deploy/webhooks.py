@@ -128,11 +128,13 @@ def validating_webhook_configuration(
     excluded_namespaces: Sequence[str] = ("kube-system",),
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    side_effects: str = "None",
 ) -> dict[str, Any]:
     """A ValidatingWebhookConfiguration sending the same requests to ``/validate``.
 
     ``timeoutSeconds`` must exceed ``scan.admissionBudget``: the gate answers "pending" when the
-    budget runs out, which is better than the API server's timeout error.
+    budget runs out, which is better than the API server's timeout error. ``side_effects`` is
+    ``"NoneOnDryRun"`` when the gate records denials as Events (never for dry runs).
     """
     hook = _hook(
         VALIDATE_NAME,
@@ -143,7 +145,7 @@ def validating_webhook_configuration(
         namespace_selector=namespace_selector,
         excluded_namespaces=excluded_namespaces,
         failure_policy=failure_policy,
-        side_effects="None",
+        side_effects=side_effects,
         timeout_seconds=timeout_seconds,
     )
     return _configuration("ValidatingWebhookConfiguration", name, hook, labels, annotations)

@@ -620,7 +620,9 @@ def test_the_mutating_webhook_fails_open_and_the_validating_one_as_configured():
     assert mutate["sideEffects"] == "NoneOnDryRun"
     assert mutate["matchPolicy"] == "Equivalent" and validate["matchPolicy"] == "Equivalent"
     assert mutate["timeoutSeconds"] == 5 and validate["timeoutSeconds"] == 10
-    assert validate["failurePolicy"] == "Fail" and validate["sideEffects"] == "None"
+    assert validate["failurePolicy"] == "Fail"
+    # The gate records denials as Events (`events: true`, the default), never for dry runs.
+    assert validate["sideEffects"] == "NoneOnDryRun"
     resources = [r["resources"] for r in mutate["rules"]]
     assert resources == [["pods"], ["pods/ephemeralcontainers"]]
     assert mutate["clientConfig"]["service"] == {
@@ -634,6 +636,23 @@ def test_the_mutating_webhook_fails_open_and_the_validating_one_as_configured():
     # (the deploy section above replaces the issue's: a second `deploy` key wins in YAML)
     (v,) = find(ignore.objects, "ValidatingWebhookConfiguration")["webhooks"]
     assert v["failurePolicy"] == "Ignore"
+
+
+def test_with_events_off_the_gate_has_no_side_effects_and_serve_no_event_or_pod_access():
+    on, _, _ = rendered(extra=SCAN)
+    off, _, _ = rendered(extra=SCAN + "events: false\n")
+    (v,) = find(off.objects, "ValidatingWebhookConfiguration")["webhooks"]
+    assert v["sideEffects"] == "None"
+
+    def rules(out):
+        return [
+            (tuple(r["resources"]), tuple(r["verbs"]))
+            for r in find(out.objects, "ClusterRole")["rules"]
+            if r["resources"] in (["events"], ["pods"])
+        ]
+
+    assert rules(on) == [(("events",), ("list", "watch", "create")), (("pods",), ("get",))]
+    assert rules(off) == [(("events",), ("list", "watch"))]
 
 
 def test_without_scan_there_is_no_validating_webhook_and_no_events_token():

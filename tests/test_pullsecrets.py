@@ -437,7 +437,8 @@ def test_rbac_rules_name_every_secret_verb_but_create_and_keep_leases_and_source
     rules = rbac_rules(WITH_ACCOUNTS, lease_name="mirrorgate-leader")
     assert rules.cluster == (
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch", "create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {
             "apiGroups": [""],
@@ -535,7 +536,26 @@ def test_without_pull_secret_copies_serve_needs_only_namespaces_events_and_its_l
     from mirrorgate.webhook.core.rbac import base_rbac_rules
 
     rules = base_rbac_rules("mg", lease_name="l")
-    assert [r["resources"] for r in rules.cluster] == [["namespaces"], ["events"]]
-    assert all(r["verbs"] == ["list", "watch"] for r in rules.cluster)
+    assert [(r["resources"], r["verbs"]) for r in rules.cluster] == [
+        (["namespaces"], ["list", "watch"]),
+        (["events"], ["list", "watch", "create"]),
+        (["pods"], ["get"]),
+    ]
     ((ns, lease_rules),) = rules.namespaced
     assert ns == "mg" and {r["resources"][0] for r in lease_rules} == {"leases"}
+
+
+def test_with_events_off_serve_neither_creates_events_nor_reads_pods():
+    from mirrorgate.webhook.core.rbac import base_rbac_rules
+
+    for rules in (
+        base_rbac_rules("mg", lease_name="l", events=False),
+        rbac_rules(WITH_ACCOUNTS, lease_name="l", events=False),
+    ):
+        assert {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "watch"]} in (
+            rules.cluster
+        )
+        assert not any(
+            "create" in r["verbs"] for r in rules.cluster if r["resources"] != ["secrets"]
+        )
+        assert all(r["resources"] != ["pods"] for r in rules.cluster)

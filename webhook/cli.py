@@ -567,8 +567,8 @@ def _kubernetes_access(config: Config, log: Any) -> bool:
         if config.pull_secret is not None and config.pull_secret.source:
             raise  # pull-secret copies cannot work without it: stop with the reason
         log.info(
-            "no Kubernetes API access: scan-mode namespace labels and pull-failure counting "
-            "are off",
+            "no Kubernetes API access: scan-mode namespace labels, pull-failure counting "
+            "and Events are off",
             extra={"fields": {"reason": str(err)}},
         )
         return False

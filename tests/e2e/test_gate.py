@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import time
@@ -421,14 +422,22 @@ def test_through_the_api_server_a_vulnerable_pod_is_denied_with_the_findings(
     label = "e2e.mirrorgate.io/gate"
     ns = f"e2e-gate-{secrets.token_hex(3)}"
     kapi.create_namespace(ns, {label: "true"})
+    # serve with API access (its Lease in a namespace of its own): denials become Events.
+    system = f"{ns}-mg"
+    kapi.create_namespace(system)
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", token=control_plane.admin_token
+    )
+    env = {"KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": system, "POD_NAME": "gate-0"}
     hooks = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
-    with LocalWebhook(tmp_path / "serve", config) as webhook:
+    with LocalWebhook(tmp_path / "serve", config, env=env) as webhook:
         body = validating_webhook_configuration(
             "e2e-gate",
             url=webhook.url,
             ca_pem=webhook.ca_pem,
             failure_policy="Fail",
             namespace_selector={"matchLabels": {label: "true"}},
+            side_effects="NoneOnDryRun",
         )
         assert kapi.request("POST", hooks, body).status == 201
         try:
@@ -455,6 +464,31 @@ def test_through_the_api_server_a_vulnerable_pod_is_denied_with_the_findings(
             )
             assert "RHSA-2023:5837 (CVE-2023-44487) High in libnghttp2" in denied.message
             assert kapi.create_pod(ns, pod("good", clean)).status == 201
+            # A dry run is denied just the same, and leaves no Event behind.
+            dry = kapi.create_pod(ns, pod("bad-dry-run", vuln), dry_run=True)
+            assert dry.status == 403
+
+            # What `kubectl get events` shows the user whose pod never came to exist.
+            kubectl = control_plane.kubectl()
+
+            def denied_events() -> list[dict[str, Any]]:
+                listed = kubectl.run(
+                    "get", "events", "-n", ns, "--field-selector=reason=ImageDenied", "-o", "json"
+                )
+                return list(json.loads(listed.stdout)["items"])
+
+            deadline = time.monotonic() + 15
+            while not (found := denied_events()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # a dry-run Event, had there been one, has had time to arrive
+            found = denied_events()
+            assert [e["involvedObject"]["name"] for e in found] == ["bad"], found
+            (event,) = found
+            assert (event["type"], event["source"]["component"]) == ("Warning", "mirrorgate")
+            assert event["message"].startswith(f"image {vuln} (")
+            assert "CVE-2023-44487" in event["message"]
+            table = kubectl.run("get", "events", "-n", ns).stdout
+            assert re.search(r"Warning\s+ImageDenied\s+pod/bad\s+image ", table), table
         finally:
             kapi.request("DELETE", f"{hooks}/e2e-gate")
 

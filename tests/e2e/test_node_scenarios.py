@@ -26,7 +26,11 @@ MutatingWebhookConfiguration that selects only its own namespaces) and proves on
 5. `mirrorgate deploy apply --wait` installs the hosted registry and a pull-through cache (the
    locally built image) that become available, take a skopeo push with the generated
    credentials, and serve pods: one pulls the pushed image, one is rewritten to the cache, which
-   fetches it from its upstream on the node IP.
+   fetches it from its upstream on the node IP;
+6. with two mirrors for docker.io, a pod runs from the first; once the first is stopped, the next
+   pod runs from the second, kubectl prints why the first was passed over, and
+   `kubectl describe pod` shows mirrorgate's MirrorFallback and ImageRewritten Events (the
+   dry-run probes left none).
 
 A machine that cannot run a node fails every test with the reason, never skips.
 """
@@ -100,6 +104,7 @@ MIRROR_LINE = "mirrorgate node scenarios: pulled from the mirror"
 UPSTREAM_LINE = "mirrorgate node scenarios: pulled from the upstream"
 CACHE_LINE = "mirrorgate node scenarios: pulled through the deployed cache"
 HOSTED_LINE = "mirrorgate node scenarios: pushed to the deployed registry"
+FIRST_LINE = "mirrorgate node scenarios: pulled from the first of two mirrors"
 # docker.io/library/app:1 as the user writes it; pushed to the mirror beforehand.
 UPSTREAM_APP = "app:1"
 MIRROR_PATH = "library/app:1"
@@ -283,10 +288,13 @@ class Serve:
     def metrics(self) -> str:
         return scrape(self.webhook.metrics_port)
 
-    def wait_admitting(self, kubectl: Kubectl, namespace: str, mirror: ClusterRegistry) -> None:
+    def wait_admitting(
+        self, kubectl: Kubectl, namespace: str, mirror: ClusterRegistry | LocalRegistry
+    ) -> None:
         """Until the API server sends this namespace's pods to serve (its webhook configuration
         and the namespace's labels reach the API server's caches a moment after they change):
-        a dry-run pod comes back rewritten. A dry run has no side effects."""
+        a dry-run pod (named `probe`) comes back rewritten to `mirror`. A dry run has no side
+        effects: no pull-secret copy, no Event."""
 
         def rewritten() -> str | None:
             image = kubectl.run(
@@ -334,10 +342,11 @@ def serving(
     scenario: str,
     source_password: str | None = None,
     lead: bool = True,
+    first_mirror: LocalRegistry | None = None,
 ) -> Iterator[Serve]:
     """serve with docker.io and the upstream mirrored to the mirror pod, its pull secret copied
     from a source Secret holding `source_password` (default: the right one); `lead=False` keeps
-    it from ever holding its Lease."""
+    it from ever holding its Lease; `first_mirror` is tried for docker.io before the mirror pod."""
     system = create_namespace(kubectl, f"mg-{scenario}")
     password = mirror.password if source_password is None else source_password
     apply(
@@ -353,19 +362,27 @@ def serving(
     (work / "password").write_text(mirror.password)
     name = f"mirror-pull-{scenario}"
     config = work / "mirrorgate.yaml"
+    docker_io = f'"{mirror.host}"'
+    first = extra = ""
+    if first_mirror is not None:
+        docker_io = f'["{first_mirror.host}", "{mirror.host}"]'
+        first = f'  "{first_mirror.host}": {{plainHTTP: true}}\n'
+        # "The first mirror has it" is reused for positiveTTL (60 s by default): a mirror that
+        # just stopped is noticed when that answer expires. 1 s keeps the test short.
+        extra = "registryClient: {positiveTTL: 1s}\n"
     config.write_text(
         f"""\
 mirrors:
-  - {{upstream: docker.io, mirror: "{mirror.host}", type: hosted}}
+  - {{upstream: docker.io, mirror: {docker_io}, type: hosted}}
   - {{upstream: "{upstream.host}", mirror: "{mirror.host}/upstream", type: hosted}}
 registries:
-  "{mirror.host}":
+{first}  "{mirror.host}":
     plainHTTP: true
     auth: {{usernameFile: {work / "username"}, passwordFile: {work / "password"}}}
 pullSecret: {{name: {name}, source: {system}/{SOURCE}}}
 namespaces: {{mode: optIn}}
 verifyTimeout: 3s
-"""
+{extra}"""
     )
     kubeconfig = plane.write_kubeconfig(work / "kubeconfig", token=plane.admin_token)
     webhook = LocalWebhook(
@@ -910,3 +927,101 @@ def test_deploy_apply_wait_installs_registries_that_take_pushes_and_serve_pods(
             )
         cache_upstream.stop()
     assert uninstalled.returncode == 0, uninstalled.stdout + uninstalled.stderr
+
+
+# --- 6. two mirrors: the first stops, pods run from the second ----------------------------------
+def describe_events(kubectl: Kubectl, namespace: str, pod: str) -> list[tuple[str, str, str, str]]:
+    """(type, reason, from, message) rows of `kubectl describe pod`'s Events table."""
+    text = kubectl.run("describe", "pod", "-n", namespace, pod).stdout
+    _, _, table = text.partition("\nEvents:\n")
+    rows = []
+    for line in table.splitlines()[2:]:  # past the header and its underline
+        cells = re.split(r"\s{2,}", line.strip(), maxsplit=4)
+        if len(cells) == 5:
+            rows.append((cells[0], cells[1], cells[3], cells[4]))
+    return rows
+
+
+def test_when_the_first_mirror_stops_pods_run_from_the_second_and_describe_says_why(
+    plane: ControlPlane,
+    node: LocalNode,
+    kubectl: Kubectl,
+    mirror: ClusterRegistry,
+    upstream: LocalRegistry,
+    tmp_path: Path,
+) -> None:
+    first = LocalRegistry(tmp_path / "first-mirror")
+    try:
+        first.start()
+    except LocalClusterError as err:
+        fail(err)
+    first_host = first.host
+    try:
+        push_image(_image(FIRST_LINE, "app-first"), f"{first_host}/{MIRROR_PATH}")
+        with serving(
+            plane, kubectl, mirror, upstream, tmp_path / "s6", scenario="two", first_mirror=first
+        ) as serve:
+            namespace = create_namespace(kubectl, "s6-two", labels=serve.labels)
+            serve.wait_admitting(kubectl, namespace, first)
+
+            # Both mirrors up: the first in priority order wins.
+            assert run_app(kubectl, namespace, UPSTREAM_APP).stdout.strip() == "pod/app created"
+            image = jsonpath(kubectl, namespace, "pod/app", "{.spec.containers[0].image}")
+            assert image == f"{first_host}/{MIRROR_PATH}"
+            wait_ready(kubectl, namespace, "pod/app")
+            assert kubectl.run("logs", "-n", namespace, "app").stdout.strip() == FIRST_LINE
+            kubectl.run("delete", "pod", "-n", namespace, "app", "--wait=true")
+
+            first.stop()  # the first mirror goes away: connections are refused
+            time.sleep(1.5)  # past positiveTTL: its last "I have it" is not reused
+            created = run_app(kubectl, namespace, UPSTREAM_APP)
+            assert created.stdout.strip() == "pod/app created", created.stdout
+            warning = (
+                f'Warning: mirrorgate: container "app" image "{UPSTREAM_APP}" rewritten to mirror '
+                f"{mirror.host}: mirror {first_host} cannot serve it (mirror unreachable)"
+            )
+            assert warning in created.stderr, created.stderr
+            pod = json.loads(kubectl.run("get", "pod", "-n", namespace, "app", "-o", "json").stdout)
+            assert pod["spec"]["containers"][0]["image"] == f"{mirror.host}/{MIRROR_PATH}"
+            assert pod["spec"]["imagePullSecrets"] == [{"name": serve.pull_secret}]
+            TIMINGS["pod Running from the second mirror"] = wait_ready(
+                kubectl, namespace, "pod/app"
+            )
+            assert kubectl.run("logs", "-n", namespace, "app").stdout.strip() == MIRROR_LINE
+
+            # What `kubectl describe pod app` shows of mirrorgate's decision, with the kubelet's.
+            def described() -> str | None:
+                ours = [
+                    r for r in describe_events(kubectl, namespace, "app") if r[2] == "mirrorgate"
+                ]
+                reasons = sorted(r[1] for r in ours)
+                return None if reasons == ["ImageRewritten", "MirrorFallback"] else repr(ours)
+
+            eventually(described, timeout=20, what="mirrorgate's Events not on the pod")
+            rows = {r[1]: r for r in describe_events(kubectl, namespace, "app")}
+            assert rows["MirrorFallback"][0] == "Warning"
+            assert rows["MirrorFallback"][3].startswith(
+                f'container "app" image "{UPSTREAM_APP}" rewritten to mirror {mirror.host}: '
+                f"mirror {first_host} cannot serve it"
+            ), rows
+            assert rows["ImageRewritten"][0] == "Normal"
+            assert rows["ImageRewritten"][3].startswith(
+                f"rewrote 1 image to mirrors: container app {UPSTREAM_APP} -> {mirror.host}/"
+            ), rows
+            assert "Pulled" in rows or "Started" in rows, rows  # the kubelet's own, alongside
+            # The dry-run probes of wait_admitting were admitted too, and left no Event.
+            probes = kubectl.run(
+                "get", "events", "-n", namespace, "--field-selector=involvedObject.name=probe"
+            )
+            assert "ImageRewritten" not in probes.stdout + probes.stderr, probes.stdout
+            passed_over = metric(
+                serve.metrics(),
+                "mirrorgate_mirror_passed_over_total",
+                upstream="docker.io",
+                mirror=first_host,
+                reason="network",
+            )
+            assert passed_over >= 1
+            delete_namespace(kubectl, namespace)
+    finally:
+        first.stop()

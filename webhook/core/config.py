@@ -228,6 +228,8 @@ class Config:
     registries: dict[str, RegistryAccess] = field(default_factory=dict)
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
     pin_digests: bool = False
+    # Kubernetes Events for rewrites, fallbacks and denials (core.events), with API access.
+    events: bool = True
     registry_client: RegistryClientSettings = field(default_factory=RegistryClientSettings)
     scan: ScanSettings | None = None
     source: str | None = None
@@ -303,6 +305,7 @@ TOP_LEVEL_KEYS = (
     "registries",
     "verifyTimeout",
     "pinDigests",
+    "events",
     "registryClient",
     "scan",
 )
@@ -371,6 +374,7 @@ class Validator:
                 top.get("verifyTimeout", DEFAULT_VERIFY_TIMEOUT), "verifyTimeout", maximum=25.0
             ),
             pin_digests=self.boolean(top.get("pinDigests", False), "pinDigests"),
+            events=self.boolean(top.get("events", True), "events"),
             registry_client=self.registry_client(top.get("registryClient", {})),
             scan=self.scan(top.get("scan")),
         )

@@ -32,15 +32,27 @@ def _rule(
     return rule
 
 
-def base_rbac_rules(own_namespace: str, *, lease_name: str = LEASE_NAME) -> RBACRules:
+def base_rbac_rules(
+    own_namespace: str, *, lease_name: str = LEASE_NAME, events: bool = True
+) -> RBACRules:
     """What ``serve`` needs without pull-secret copies: namespace labels (scan modes), kubelet
-    Events (pull failures) and its leader election."""
+    Events (pull failures), its own Events (and the pods they are about) when ``events`` is on,
+    and leader election."""
     return RBACRules(
-        cluster=(
-            _rule("", "namespaces", ("list", "watch")),
-            _rule("", "events", ("list", "watch")),
-        ),
+        cluster=(_rule("", "namespaces", ("list", "watch")), *_event_rules(events)),
         namespaced=((own_namespace, _lease_rules(lease_name)),),
+    )
+
+
+def _event_rules(events: bool) -> tuple[dict[str, Any], ...]:
+    if not events:
+        # The lease holder only reads kubelet pull failures (controllers.pullfailures).
+        return (_rule("", "events", ("list", "watch")),)
+    return (
+        # ... and every replica posts the Events of its admissions (controllers.events).
+        _rule("", "events", ("list", "watch", "create")),
+        # Events on a new pod carry its uid (kubectl describe selects by it): read once.
+        _rule("", "pods", ("get",)),
     )
 
 
@@ -51,7 +63,7 @@ def _lease_rules(lease_name: str) -> tuple[dict[str, Any], ...]:
     )
 
 
-def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME) -> RBACRules:
+def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME, events: bool = True) -> RBACRules:
     """Exactly what ``PullSecretSync`` and leader election call, and nothing more.
 
     ``create`` cannot be limited by name (the name is in the body, not the URL), every other verb
@@ -60,8 +72,7 @@ def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME) -> RBACRules:
     """
     cluster = [
         _rule("", "namespaces", ("list", "watch")),
-        # The lease holder counts kubelet pull failures from Events (controllers.pullfailures).
-        _rule("", "events", ("list", "watch")),
+        *_event_rules(events),
         _rule("", "secrets", ("create",)),
         _rule("", "secrets", ("get", "list", "watch", "update", "delete"), (target.name,)),
     ]

@@ -90,6 +90,13 @@ class Metrics:
             ["upstream", "mirror"],
             registry=r,
         )
+        self.events = Counter(
+            "mirrorgate_events",
+            "Kubernetes Events for admissions, by reason and result: created, deduplicated, "
+            "dropped (queue full), no_object (the pod never appeared), failed.",
+            ["reason", "result"],
+            registry=r,
+        )
         self.mirrors_passed_over = Counter(
             "mirrorgate_mirror_passed_over",
             "Mirrors that could not serve an image at admission, so the next mirror of its "

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from mirrorgate.webhook.controllers.pullsecrets import PullSecretSync
+from mirrorgate.webhook.core.events import admission_events
 from mirrorgate.webhook.core.mutation import MirrorCheck
 from mirrorgate.webhook.core.pullsecrets import CopyResult, admission_warning, injected_pull_secret
 from mirrorgate.webhook.core.reviews import (
@@ -27,7 +28,7 @@ from mirrorgate.webhook.core.reviews import (
 from mirrorgate.webhook.infra.logs import get_logger, log_fields
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server.http import Answer, admission_budget, admission_endpoint
-from mirrorgate.webhook.server.state import METRICS, PULL_SECRETS, SETTINGS, VERIFIER
+from mirrorgate.webhook.server.state import EVENTS, METRICS, PULL_SECRETS, SETTINGS, VERIFIER
 
 log = get_logger("admission")
 TOO_MANY = MirrorCheck(
@@ -75,6 +76,9 @@ async def review_mutate(request: web.Request, req: AdmissionRequest, started: fl
 
     _count_images(metrics, result)
     _log_result(req, result, time.perf_counter() - started)
+    events = request.app.get(EVENTS)
+    if events is not None and result.containers:
+        events.record(admission_events(req, result))
     return Answer(result.response, result.outcome)
 
 

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mirrorgate.webhook.adapters.kube import Kube, load_api_client
 from mirrorgate.webhook.adapters.registry import RegistryClient
 from mirrorgate.webhook.controllers.certs import CertRenewer
+from mirrorgate.webhook.controllers.events import EventRecorder
 from mirrorgate.webhook.controllers.leader import LeaderElector
 from mirrorgate.webhook.controllers.namespaces import NamespaceLabels
 from mirrorgate.webhook.controllers.pullfailures import PullFailureCounter, watch_pull_failures
@@ -30,6 +31,7 @@ from mirrorgate.webhook.server.gate import add_gate
 from mirrorgate.webhook.server.http import server_options
 from mirrorgate.webhook.server.listener import STATUS, ServeStatus, track_requests
 from mirrorgate.webhook.server.state import (
+    EVENTS,
     METRICS,
     NAMESPACE_LABELS,
     PULL_SECRETS,
@@ -144,6 +146,10 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         labels.start()
         app[NAMESPACE_LABELS] = labels.get
     elector.start()
+    if config.events:
+        app[EVENTS] = EventRecorder(
+            kube, count=lambda reason, result: metrics.events.labels(reason, result).inc()
+        ).start()
     try:
         async with contextlib.AsyncExitStack() as stack:
             if settings.cert_renewal is not None:
@@ -151,6 +157,8 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
                 await stack.enter_async_context(renewer.running())
             yield
     finally:
+        if EVENTS in app:
+            await app[EVENTS].stop()
         await elector.stop()
         if failure_watch is not None:
             failure_watch.cancel()

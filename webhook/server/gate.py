@@ -19,6 +19,7 @@ from aiohttp import web
 
 from mirrorgate.webhook.adapters.clair import ClairClient
 from mirrorgate.webhook.core.config import Config
+from mirrorgate.webhook.core.events import denial_event
 from mirrorgate.webhook.core.policy import Decision, ImageVerdict, Verdict, decide
 from mirrorgate.webhook.core.reviews import (
     MAX_CHECKS,
@@ -38,6 +39,7 @@ from mirrorgate.webhook.server.http import (
     refuse,
 )
 from mirrorgate.webhook.server.state import (
+    EVENTS,
     NAMESPACE_LABELS,
     REGISTRY,
     SCANNER,
@@ -117,6 +119,10 @@ class _Gate:
         status = None
         if not decision.allowed:
             status = {"code": 403, "reason": "Forbidden", "message": decision.message}
+            events = request.app.get(EVENTS)
+            note = denial_event(req, decision.message) if events is not None else None
+            if events is not None and note is not None:
+                events.record([note])
         response = build_response(
             req.uid,
             allowed=decision.allowed,
