@@ -764,10 +764,11 @@ def rbac_rules(
     """
     d = deploy_settings(config)
     target = Target.from_config(config, own_namespace=d.namespace)
+    running = config.scan is not None and config.scan.running == "warn"
     rules = (
-        serve_rules(target, events=config.events)
+        serve_rules(target, events=config.events, running=running)
         if target is not None
-        else base_rbac_rules(d.namespace, events=config.events)
+        else base_rbac_rules(d.namespace, events=config.events, running=running)
     )
     cluster = [dict(r) for r in rules.cluster]
     namespaced: dict[str, list[dict[str, Any]]] = {}

@@ -203,3 +203,18 @@ async def test_a_watch_pages_its_list_resumes_after_the_stream_ends_and_relists_
         if kind == "watch"
     )
     assert restarts[:3] == ["gone", "gone", "error"]
+
+
+async def test_a_projected_watch_hands_over_only_the_projection_of_listed_and_watched_objects():
+    big = {"metadata": {"name": "a", "resourceVersion": "9"}, "spec": {"huge": "x" * 10_000}}
+    scripted = ScriptedKube(
+        [page(big, version="10"), Stream({"type": "MODIFIED", "object": dict(big)})]
+    )
+    watch = Kube(scripted).watch(
+        "/api/v1/pods", project=lambda o: {"metadata": o["metadata"], "size": len(str(o))}
+    )
+    watch.start()
+    events = [await asyncio.wait_for(anext(watch), 5) for _ in range(2)]
+    await watch.close()
+    assert events[0].type == "RELIST" and set(events[0].objects[0]) == {"metadata", "size"}
+    assert events[1].type == "MODIFIED" and set(events[1].obj) == {"metadata", "size"}

@@ -166,6 +166,9 @@ Action = Literal["deny", "warn", "allow"]
 ACTIONS: tuple[Action, ...] = ("deny", "warn", "allow")
 ScanMode = Literal["enforce", "audit"]
 SCAN_MODES: tuple[ScanMode, ...] = ("enforce", "audit")
+# What the gate does with a failing image whose digest already runs in the pod's namespace.
+RunningAction = Literal["warn", "deny"]
+RUNNING_ACTIONS: tuple[RunningAction, ...] = ("warn", "deny")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,9 @@ class ScanSettings:
     index_concurrency: int = 2
     queue_size: int = 1000
     events: EventAuth = field(default_factory=EventAuth)
+    # warn: a new pod of an image already running in its namespace is admitted with a warning
+    # when the image fails now (a CVE published after it was deployed); deny: judged as new.
+    running: RunningAction = "warn"
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +408,7 @@ class Validator:
             "indexConcurrency",
             "queueSize",
             "events",
+            "running",
         )
         m = self.mapping(value, "scan", keys)
         if m is None:
@@ -458,6 +465,9 @@ class Validator:
             index_concurrency=count("indexConcurrency", d.index_concurrency),
             queue_size=count("queueSize", d.queue_size),
             events=self.event_auth(m.get("events", {})),
+            running=self.choice(
+                m.get("running", d.running), "scan.running", RUNNING_ACTIONS, d.running
+            ),
         )
 
     def clair(self, value: Any) -> ClairSettings | None:

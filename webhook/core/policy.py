@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -79,10 +79,19 @@ class ImageVerdict:
     image: str
     verdict: Verdict
     platforms: tuple[Verdict, ...] = ()
+    # The digest the image's reference resolved to (an index or a manifest): what a node pulls,
+    # and what the kubelet reports as the running container's imageID.
+    digest: str = ""
 
     @property
     def outcome(self) -> Outcome:
         return self.verdict.outcome
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """Every digest that names this image: the resolved one and each platform's."""
+        found = (self.digest, self.verdict.digest, *(p.digest for p in self.platforms))
+        return tuple(dict.fromkeys(d for d in found if d))
 
 
 def findings_in(report: Mapping[str, Any]) -> list[Finding]:
@@ -198,7 +207,8 @@ class Decision:
     message: str = ""
     warnings: list[str] = field(default_factory=list)
     audit: dict[str, str] = field(default_factory=dict)
-    rejected: list[tuple[str, Outcome]] = field(default_factory=list)  # (image, outcome)
+    # (image, outcome): pending, unavailable, fail, or fail_running (admitted: already running)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 def decide(
@@ -207,11 +217,16 @@ def decide(
     *,
     mode: str,
     clair_url: str = "",
+    running: Collection[str] = (),
 ) -> Decision:
     """Turn per-image verdicts into allow/deny, the user's message, warnings and audit notes.
 
     ``mode`` is the namespace's scan mode: ``audit`` never denies (it warns, and the rejection is
     still counted), ``enforce`` applies ``onPending``/``onUnavailable`` and denies failures.
+    ``running`` holds the images whose digest already runs in the pod's namespace: with
+    ``scan.running: warn`` a failing one is admitted with a warning (``fail_running``), so a CVE
+    published after a workload was deployed does not block its restarts, rescheduling and
+    scale-ups; a new image is judged as always.
     """
     decision = Decision(allowed=True)
     denials: list[str] = []
@@ -228,6 +243,13 @@ def decide(
         if action == "allow":
             continue
         text = explain(iv, policy, clair_url=clair_url)
+        if v.outcome == "fail" and policy.running == "warn" and iv.image in running:
+            decision.warnings.append(
+                "mirrorgate: already running in this namespace, admitted (scan.running: warn): "
+                f"{_one_line(text)}"
+            )
+            decision.rejected.append((iv.image, "fail_running"))
+            continue
         if action == "deny" and mode != "audit":
             denials.append(text)
             decision.rejected.append((iv.image, v.outcome))

@@ -33,27 +33,32 @@ def _rule(
 
 
 def base_rbac_rules(
-    own_namespace: str, *, lease_name: str = LEASE_NAME, events: bool = True
+    own_namespace: str,
+    *,
+    lease_name: str = LEASE_NAME,
+    events: bool = True,
+    running: bool = False,
 ) -> RBACRules:
     """What ``serve`` needs without pull-secret copies: namespace labels (scan modes), kubelet
     Events (pull failures), its own Events (and the pods they are about) when ``events`` is on,
-    and leader election."""
+    every pod's images when ``running`` (``scan.running: warn``), and leader election."""
     return RBACRules(
-        cluster=(_rule("", "namespaces", ("list", "watch")), *_event_rules(events)),
+        cluster=(_rule("", "namespaces", ("list", "watch")), *_event_rules(events, running)),
         namespaced=((own_namespace, _lease_rules(lease_name)),),
     )
 
 
-def _event_rules(events: bool) -> tuple[dict[str, Any], ...]:
-    if not events:
-        # The lease holder only reads kubelet pull failures (controllers.pullfailures).
-        return (_rule("", "events", ("list", "watch")),)
-    return (
-        # ... and every replica posts the Events of its admissions (controllers.events).
-        _rule("", "events", ("list", "watch", "create")),
-        # Events on a new pod carry its uid (kubectl describe selects by it): read once.
-        _rule("", "pods", ("get",)),
-    )
+def _event_rules(events: bool, running: bool) -> tuple[dict[str, Any], ...]:
+    # The lease holder reads kubelet pull failures (controllers.pullfailures); with ``events``
+    # every replica also posts the Events of its admissions (controllers.events).
+    verbs = ("list", "watch", "create") if events else ("list", "watch")
+    rules = [_rule("", "events", verbs)]
+    # Events on a new pod carry its uid (kubectl describe selects by it): read once; the digests
+    # pods run (controllers.running): one watch.
+    pods = (("get",) if events else ()) + (("list", "watch") if running else ())
+    if pods:
+        rules.append(_rule("", "pods", pods))
+    return tuple(rules)
 
 
 def _lease_rules(lease_name: str) -> tuple[dict[str, Any], ...]:
@@ -63,7 +68,13 @@ def _lease_rules(lease_name: str) -> tuple[dict[str, Any], ...]:
     )
 
 
-def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME, events: bool = True) -> RBACRules:
+def rbac_rules(
+    target: Target,
+    *,
+    lease_name: str = LEASE_NAME,
+    events: bool = True,
+    running: bool = False,
+) -> RBACRules:
     """Exactly what ``PullSecretSync`` and leader election call, and nothing more.
 
     ``create`` cannot be limited by name (the name is in the body, not the URL), every other verb
@@ -72,7 +83,7 @@ def rbac_rules(target: Target, *, lease_name: str = LEASE_NAME, events: bool = T
     """
     cluster = [
         _rule("", "namespaces", ("list", "watch")),
-        *_event_rules(events),
+        *_event_rules(events, running),
         _rule("", "secrets", ("create",)),
         _rule("", "secrets", ("get", "list", "watch", "update", "delete"), (target.name,)),
     ]

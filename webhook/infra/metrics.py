@@ -159,7 +159,9 @@ class Metrics:
         self.images_rejected = Counter(
             "mirrorgate_images_rejected",
             "Images the vulnerability gate rejected (or, in audit mode, would have), by reason: "
-            f"fail, pending, unavailable; namespace is {OTHER!r} past {MAX_NAMESPACE_LABELS} "
+            "fail, pending, unavailable, fail_running (failing, but admitted with a warning "
+            "because its digest already runs in the namespace: scan.running: warn); namespace "
+            f"is {OTHER!r} past {MAX_NAMESPACE_LABELS} "
             "namespaces and for namespaces the cluster does not have.",
             ["namespace", "reason"],
             registry=r,

@@ -24,6 +24,7 @@ from mirrorgate.webhook.controllers.leader import LeaderElector
 from mirrorgate.webhook.controllers.namespaces import NamespaceLabels
 from mirrorgate.webhook.controllers.pullfailures import PullFailureCounter, watch_pull_failures
 from mirrorgate.webhook.controllers.pullsecrets import PullSecretSync, Target
+from mirrorgate.webhook.controllers.running import RunningImages
 from mirrorgate.webhook.core.reviews import MAX_BODY_BYTES
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.server.admission import handle_mutate
@@ -36,6 +37,7 @@ from mirrorgate.webhook.server.state import (
     NAMESPACE_LABELS,
     PULL_SECRETS,
     REGISTRY,
+    RUNNING,
     SETTINGS,
     VERIFIER,
     Settings,
@@ -146,6 +148,9 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         labels.start()
         app[NAMESPACE_LABELS] = labels.get
     elector.start()
+    if config.scan is not None and config.scan.running == "warn":
+        # Which digests already run where (scan.running): one watch on pods, projected.
+        app[RUNNING] = RunningImages(kube).start()
     if config.events:
         app[EVENTS] = EventRecorder(
             kube, count=lambda reason, result: metrics.events.labels(reason, result).inc()
@@ -159,6 +164,8 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if EVENTS in app:
             await app[EVENTS].stop()
+        if RUNNING in app:
+            await app[RUNNING].stop()
         await elector.stop()
         if failure_watch is not None:
             failure_watch.cancel()

@@ -42,6 +42,7 @@ from mirrorgate.webhook.server.state import (
     EVENTS,
     NAMESPACE_LABELS,
     REGISTRY,
+    RUNNING,
     SCANNER,
     NamespaceLabelsLookup,
 )
@@ -114,7 +115,19 @@ class _Gate:
             for image in images[MAX_CHECKS:]
         ]
         mode = self._mode(request, req.namespace)
-        decision = decide(verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url)
+        watch = request.app.get(RUNNING)
+        running = (
+            [
+                iv.image
+                for iv in verdicts
+                if iv.outcome == "fail" and watch.running_in(iv.digests, req.namespace)
+            ]
+            if watch is not None and req.namespace
+            else []
+        )
+        decision = decide(
+            verdicts, self.policy, mode=mode, clair_url=self.policy.clair.url, running=running
+        )
         self._count(req, verdicts, decision, known=request.app.get(NAMESPACE_LABELS))
         status = None
         if not decision.allowed:

@@ -12,6 +12,7 @@ from mirrorgate.webhook.controllers.certs import CertRenewal
 from mirrorgate.webhook.controllers.events import EventRecorder
 from mirrorgate.webhook.controllers.leader import ElectionSettings
 from mirrorgate.webhook.controllers.pullsecrets import PullSecretSync
+from mirrorgate.webhook.controllers.running import RunningImages
 from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config
 from mirrorgate.webhook.infra.metrics import Metrics
 from mirrorgate.webhook.services.mirrors import MirrorVerifier
@@ -44,5 +45,6 @@ REGISTRY = web.AppKey("registry", RegistryClient)
 VERIFIER = web.AppKey("verifier", MirrorVerifier)
 PULL_SECRETS = web.AppKey("pull_secrets", PullSecretSync)
 EVENTS = web.AppKey("events", EventRecorder)
+RUNNING = web.AppKey("running", RunningImages)
 SCANNER = web.AppKey("scanner", Scanner)
 NAMESPACE_LABELS: web.AppKey[NamespaceLabelsLookup] = web.AppKey("namespace_labels")

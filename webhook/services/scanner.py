@@ -136,7 +136,7 @@ class Scanner:
         verdict = worst(platform_verdicts)
         if top.is_index and verdict.outcome == "pass":
             verdict = Verdict("pass", digest=top.digest)
-        return ImageVerdict(image, verdict, tuple(platform_verdicts))
+        return ImageVerdict(image, verdict, tuple(platform_verdicts), digest=top.digest)
 
     async def image_verdict(self, image: str, *, deadline: float) -> ImageVerdict:
         try:
@@ -177,7 +177,7 @@ class Scanner:
         verdict = worst(platform_verdicts)
         if top.is_index and verdict.outcome == "pass":
             verdict = Verdict("pass", digest=top.digest)
-        return ImageVerdict(image, verdict, tuple(platform_verdicts))
+        return ImageVerdict(image, verdict, tuple(platform_verdicts), digest=top.digest)
 
     def _targets(self, top: Manifest) -> list[tuple[str, str]]:
         if not top.is_index:
