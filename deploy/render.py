@@ -764,7 +764,7 @@ def rbac_rules(
     """
     d = deploy_settings(config)
     target = Target.from_config(config, own_namespace=d.namespace)
-    running = config.scan is not None and config.scan.running == "warn"
+    running = config.scan is not None  # the gate watches what runs (controllers.running)
     rules = (
         serve_rules(target, events=config.events, running=running)
         if target is not None

@@ -351,3 +351,19 @@ def test_demo_is_a_plugin_and_without_devtools_says_how_to_get_it(monkeypatch, c
     assert "mirrorgate demo: the demo is development tooling" in err
     assert "scripts/setup" in err
     assert "(not installed)" in cli.build_parser().format_help()
+
+
+def test_scan_running_explains_what_it_needs(tmp_path):
+    cfg = tmp_path / "mirrorgate.yaml"
+    cfg.write_text("scan: {clair: {url: 'http://127.0.0.1:9', pskFile: /nonexistent}}\n")
+    both = mirrorgate("scan", "--config", str(cfg), "--running", "nginx:1")
+    assert both.returncode == 2 and "give no IMAGE" in both.stderr
+    none = mirrorgate("scan", "--config", str(cfg))
+    assert none.returncode == 2 and "--running" in none.stderr
+    # No kubeconfig and not in a cluster: the reason, never a traceback.
+    away = mirrorgate(
+        "scan", "--config", str(cfg), "--running", env={"KUBECONFIG": str(tmp_path / "none")}
+    )
+    assert away.returncode == 2, away.stderr
+    assert "--running needs Kubernetes API access" in away.stderr
+    assert "Traceback" not in away.stderr

@@ -18,8 +18,15 @@ D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 
 
 def _pod(phase="Running", statuses=(), images=("nginx:1",), ns="team-a", name="web-1"):
+    import uuid
+
     return {
-        "metadata": {"namespace": ns, "name": name, "resourceVersion": "7"},
+        "metadata": {
+            "namespace": ns,
+            "name": name,
+            "uid": str(uuid.uuid4()),
+            "resourceVersion": "7",
+        },
         "spec": {"containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)]},
         "status": {"phase": phase, "containerStatuses": list(statuses)},
     }
@@ -119,9 +126,7 @@ def test_twenty_thousand_pods_cost_a_few_mebibytes():
         tracemalloc.stop()
     print(f"\n20,000 pods: index {kept / (1 << 20):.1f} MiB")
     assert running.pods() == 20_000
-    assert running.namespaces_running(f"sha256:{'f' * 64}") == {
-        f"team-{n}": 400 for n in range(50)
-    }
+    assert running.namespaces_running(f"sha256:{'f' * 64}") == {f"team-{n}": 400 for n in range(50)}
     assert kept < 12 << 20, f"{kept / (1 << 20):.1f} MiB for 20,000 pods"
 
 
@@ -174,3 +179,110 @@ def test_scan_running_is_warn_or_deny():
     assert SCAN is not None and SCAN.running == "warn"
     with pytest.raises(ConfigError, match=r"scan.running: 'maybe' is not one of warn, deny"):
         parse_config("scan: {clair: {url: 'http://c:6060', pskFile: /p}, running: maybe}")
+
+
+# --- the continuous view (services.vulnerable) -------------------------------------------------
+
+
+class Judge:
+    """Verdicts by reference, as a test sets them; counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, str] = {}
+        self.asked: list[str] = []
+
+    async def verdicts(self, images, *, budget):
+        self.asked += images
+        return [
+            ImageVerdict(
+                ref,
+                Verdict(
+                    self.outcomes.get(ref, "pending"),
+                    digest=ref.split("@")[1],
+                    findings=(FINDING,) if self.outcomes.get(ref) == "fail" else (),
+                ),
+                digest=ref.split("@")[1],
+            )
+            for ref in images
+        ]
+
+
+def _view(judge, **kw):
+    from mirrorgate.webhook.services.vulnerable import RunningVerdicts
+
+    running = RunningImages()
+    gauge: list[dict] = []
+    events: list = []
+    view = RunningVerdicts(
+        running, judge, SCAN, set_gauge=gauge.append, record=lambda n: events.extend(n), **kw
+    )
+    return running, view, gauge, events
+
+
+async def test_running_pods_are_counted_by_namespace_and_worst_blocking_severity():
+    judge = Judge()
+    running, view, gauge, events = _view(judge)
+    a, b = f"r.example/a@{D1}", f"r.example/b@{D2}"
+    judge.outcomes = {a: "pass", b: "fail"}
+    running.update(("shop", "web-1"), {D1: a}, uid="u1")
+    running.update(("shop", "web-2"), {D1: a, D2: b}, uid="u2")
+    running.update(("ops", "job-1"), {D3: f"r.example/c@{D3}"}, uid="u3")  # not scanned yet
+    await view.judge_round()
+    assert gauge[-1] == {("shop", "none"): 1, ("shop", "High"): 1, ("ops", "unknown"): 1}
+    # One Event, on the pod that runs the failing image, naming the finding.
+    (note,) = events
+    assert (note.subject.namespace, note.subject.name, note.subject.uid) == ("shop", "web-2", "u2")
+    assert note.reason == "VulnerableImageRunning" and note.type == "Warning"
+    assert "CVE-2023-44487" in note.message and "admitted with a warning" in note.message
+
+
+async def test_a_notification_rejudges_only_what_it_names_and_events_only_on_a_change():
+    judge = Judge()
+    running, view, gauge, events = _view(judge)
+    a, b = f"r.example/a@{D1}", f"r.example/b@{D2}"
+    judge.outcomes = {a: "pass", b: "pass"}
+    running.update(("shop", "web-1"), {D1: a, D2: b}, uid="u1")
+    await view.judge_round()
+    assert gauge[-1] == {("shop", "none"): 1} and events == []
+
+    judge.asked.clear()
+    judge.outcomes[b] = "fail"  # Clair matched a new vulnerability to b
+    view.notified({D2})
+    await view.judge_round()
+    assert judge.asked == [b]
+    assert gauge[-1] == {("shop", "High"): 1} and len(events) == 1
+    view.notified({D2})  # still failing: no second Event
+    await view.judge_round()
+    assert len(events) == 1
+
+    judge.outcomes[b] = "pass"  # a fixed report clears it
+    view.notified({D2})
+    await view.judge_round()
+    assert gauge[-1] == {("shop", "none"): 1}
+
+
+async def test_a_notification_about_a_platform_manifest_rejudges_its_index():
+    judge = Judge()
+    running, view, _gauge, _events = _view(judge)
+    index = f"r.example/a@{D1}"
+    running.update(("shop", "web-1"), {D1: index})
+    await view.judge_round()
+    view._verdicts[D1] = ImageVerdict(
+        index, Verdict("pass", digest=D1), platforms=(Verdict("pass", digest=D3),), digest=D1
+    )
+    judge.asked.clear()
+    view.notified({D3})  # Clair names the linux/amd64 manifest, the node runs the index
+    await view.judge_round()
+    assert judge.asked == [index]
+
+
+async def test_a_replica_that_does_not_lead_exports_nothing():
+    import asyncio
+
+    judge = Judge()
+    running, view, gauge, _events = _view(judge, is_leader=lambda: False, interval=0.01)
+    running.update(("shop", "web-1"), {D1: f"r.example/a@{D1}"})
+    view.start()
+    await asyncio.sleep(0.05)
+    await view.stop()
+    assert gauge and all(g == {} for g in gauge) and judge.asked == []

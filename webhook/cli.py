@@ -264,11 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
             have Clair index what it has not seen (waiting up to --timeout), and apply the scan
             policy of the config. Prints the verdict and findings per image.
 
+            --running judges what runs in the cluster instead (the kubeconfig, or the
+            in-cluster service account; needs list on pods): every image digest a pod runs,
+            with the namespaces and the number of pods, as the webhook's continuous view and
+            the mirrorgate_running_pods gauge see them.
+
             Exit codes: 0 every image passes; 1 an image fails the policy; 2 an image is still
-            pending or could not be checked (scanner or registry unavailable), or bad input."""
+            pending or could not be checked (scanner or registry unavailable), or bad input.
+
+            examples:
+              mirrorgate scan --config mirrorgate.yaml nginx:1.25 ghcr.io/acme/api:2.1
+              mirrorgate scan --config mirrorgate.yaml --running --timeout 60"""
         ),
     )
     scan.add_argument("--config", default=None, help=CONFIG_HELP)
+    scan.add_argument(
+        "--running",
+        action="store_true",
+        help="judge every image running in the cluster (from its pods) instead of IMAGE...",
+    )
     scan.add_argument("--json", action="store_true", help="print a JSON report instead")
     scan.add_argument(
         "--timeout",
@@ -277,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest wait for indexing (default %(default)s)",
     )
-    scan.add_argument("images", nargs="+", metavar="IMAGE")
+    scan.add_argument("images", nargs="*", metavar="IMAGE")
     scan.set_defaults(func=cmd_scan)
 
     add_plugin_parsers(sub)
@@ -391,6 +405,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     if config.scan is None:
         raise UsageError("the config has no scan section (scan.clair is needed)")
+    if args.running:
+        if args.images:
+            raise UsageError("--running judges what runs in the cluster: give no IMAGE")
+        return _scan_running(config, args)
+    if not args.images:
+        raise UsageError("no images given (pass IMAGE..., - for stdin, or --running)")
     images = _expand_stdin(args.images)
     verdicts = asyncio.run(scan_images(config, images, timeout=args.timeout))
     if args.json:
@@ -409,6 +429,55 @@ def cmd_scan(args: argparse.Namespace) -> int:
                     )
                 )
     outcomes = {v.outcome for v in verdicts}
+    if "fail" in outcomes:
+        return EXIT_FOUND
+    return EXIT_USAGE if outcomes - {"pass"} else EXIT_OK
+
+
+def _scan_running(config: Config, args: argparse.Namespace) -> int:
+    """``scan --running``: every image digest the cluster's pods run, with its verdict."""
+    from mirrorgate.webhook.adapters.kube import (
+        KubeConfigError,
+        KubeError,
+        SyncKube,
+        load_api_client,
+    )
+    from mirrorgate.webhook.controllers.running import snapshot
+    from mirrorgate.webhook.services.scanner import scan_images
+
+    try:
+        with load_api_client() as api:
+            running = snapshot(SyncKube(api))
+    except KubeConfigError as err:
+        raise UsageError(f"--running needs Kubernetes API access: {err}") from None
+    except KubeError as err:
+        hint = " (the user needs list on pods)" if err.status == 403 else ""
+        raise UsageError(f"cannot list pods: {err}{hint}") from None
+    refs = running.digests()
+    digests = sorted(d for d, ref in refs.items() if ref)
+    verdicts = asyncio.run(scan_images(config, [refs[d] for d in digests], timeout=args.timeout))
+    rows = []
+    for digest, iv in zip(digests, verdicts, strict=True):
+        where = running.namespaces_running(digest)
+        rows.append((iv, where, sum(where.values())))
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    _verdict_json(iv) | {"namespaces": where, "pods": pods}
+                    for iv, where, pods in rows
+                ],
+                indent=2,
+            )
+        )
+    else:
+        print(f"{'VERDICT':<12} {'WORST':<9} {'PODS':>5}  {'NAMESPACES':<30} IMAGE")
+        for iv, where, pods in sorted(rows, key=lambda r: (r[0].outcome != "fail", r[0].image)):
+            worst = iv.verdict.worst_severity if iv.outcome == "fail" else "-"
+            names = ",".join(sorted(where))
+            print(f"{iv.outcome:<12} {worst:<9} {pods:>5}  {names:<30} {iv.image}")
+        print(f"{len(rows)} images in {running.pods()} pods")
+    outcomes = {iv.outcome for iv, _, _ in rows}
     if "fail" in outcomes:
         return EXIT_FOUND
     return EXIT_USAGE if outcomes - {"pass"} else EXIT_OK

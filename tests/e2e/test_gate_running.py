@@ -16,6 +16,7 @@ image's report turns vulnerable, and the next pod of the ReplicaSet is what kube
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -29,6 +30,7 @@ from mirrorgate.devtools.demo import LocalWebhook
 from mirrorgate.devtools.localcluster import ControlPlane, Kubectl
 from tests.helpers.admission import write_gate_config
 from tests.helpers.clair_standin import ClairStandIn
+from tests.helpers.commands import mirrorgate_exe
 from tests.helpers.kubehttp import KubeHTTP
 from tests.helpers.node import eventually, metric, scrape
 from tests.helpers.registries import HarnessRegistry, push_image
@@ -216,3 +218,126 @@ def test_a_replicasets_next_pod_after_its_image_turned_vulnerable(
     # Never an exception for images that do not run here yet.
     new = create(kubectl, ns, pod("new-image", other))
     assert new.returncode != 0 and "denied the request" in new.stderr, new.stderr
+
+
+# --- the continuous view: a Clair notification about a running digest -----------------------------
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "monitoring" / "mirrorgate.rules.yml"
+ALERT = "MirrorgateVulnerableImagesRunning"
+
+
+@pytest.mark.parametrize("served", ["warn"], indirect=True, ids=["warn"])
+def test_a_clair_notification_about_a_running_image_raises_the_gauge_the_event_and_the_alert(
+    served: tuple[LocalWebhook, KubeHTTP, str],
+    control_plane: ControlPlane,
+    clair: ClairStandIn,
+    htpasswd_registry: HarnessRegistry,
+    tmp_path: Path,
+) -> None:
+    from tests.helpers.node import Prometheus
+
+    webhook, kapi, ns = served
+    kubectl = control_plane.kubectl()
+    tag = secrets.token_hex(4)
+    digest = push_image(htpasswd_registry, "running/notified", tag)
+    image = f"{htpasswd_registry.host}/running/notified:{tag}"
+    # Clair's notifier calls serve over TLS: trust serve's CA as well as the registry's.
+    bundle = tmp_path / "clair-trust.pem"
+    bundle.write_bytes(Path(clair.ca_file).read_bytes() + webhook.ca_pem)
+    clair.ca_file = bundle
+
+    def gauge(severity: str) -> float:
+        text = scrape(webhook.metrics_port)
+        return metric(text, "mirrorgate_running_pods", namespace=ns, worst_severity=severity)
+
+    prometheus = Prometheus(
+        tmp_path / "prometheus",
+        target=f"127.0.0.1:{webhook.metrics_port}",
+        rule_files=[RULES],
+        evaluation_interval=1,
+    ).start()
+    try:
+        assert create(kubectl, ns, pod("web-1", image)).returncode == 0
+        run_as_kubelet(kapi, ns, "web-1", image, digest)
+        eventually(
+            lambda: None if gauge("none") == 1 else f"none={gauge('none')}",
+            timeout=15,
+            what="the running pod never showed as clean",
+        )
+
+        # Clair matches a new vulnerability to the running manifest and notifies.
+        clair.set_report(digest, "trimmed")
+        started = time.monotonic()
+        assert clair.notify(f"{webhook.url}/events/clair", {digest: "added"}) == 200
+        eventually(
+            lambda: None if gauge("High") == 1 else f"High={gauge('High')}",
+            timeout=10,
+            what="the gauge did not show the vulnerable pod",
+        )
+        took_gauge = time.monotonic() - started
+
+        def described() -> str | None:
+            text = kubectl.run("describe", "pod", "-n", ns, "web-1").stdout
+            return None if "VulnerableImageRunning" in text else text[-600:]
+
+        eventually(described, timeout=10, what="no VulnerableImageRunning Event on the pod")
+        text = kubectl.run("describe", "pod", "-n", ns, "web-1").stdout
+        (line,) = [ln for ln in text.splitlines() if "VulnerableImageRunning" in ln]
+        assert "Warning" in line and "mirrorgate" in line and CVE in line, line
+
+        def firing() -> str | None:
+            alerts = [a for a in prometheus.alerts() if a["labels"].get("alertname") == ALERT]
+            ours = [
+                a for a in alerts if a["labels"].get("namespace") == ns and a["state"] == "firing"
+            ]
+            return None if ours else repr(alerts)
+
+        eventually(firing, timeout=20, what=f"{ALERT} did not fire")
+        took_alert = time.monotonic() - started
+        (alert,) = [
+            a
+            for a in prometheus.alerts()
+            if a["labels"].get("alertname") == ALERT and a["labels"].get("namespace") == ns
+        ]
+        assert alert["labels"]["worst_severity"] == "High"
+        print(f"\nnotification -> gauge {took_gauge:.1f}s, -> alert firing {took_alert:.1f}s")
+
+        # The same view from a shell: what runs in the cluster, with its verdict.
+        kubeconfig = control_plane.write_kubeconfig(
+            tmp_path / "cli-kubeconfig", token=control_plane.admin_token
+        )
+        listed = subprocess.run(
+            [mirrorgate_exe(), "scan", "--running", "--config", str(tmp_path / "mirrorgate.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            check=False,
+        )
+        assert listed.returncode == 1, listed.stdout + listed.stderr  # an image fails
+        (row,) = [
+            ln for ln in listed.stdout.splitlines() if ln.endswith(f"running/notified@{digest}")
+        ]
+        assert row.split()[:4] == ["fail", "High", "1", ns], row
+
+        # The vulnerability is withdrawn: Clair's report now has only Unknown findings, which
+        # do not block, and the gauge and the alert clear.
+        clair.set_report(digest, "alpine")
+        assert clair.notify(f"{webhook.url}/events/clair", {digest: "removed"}) == 200
+        eventually(
+            lambda: None if gauge("none") == 1 and gauge("High") == 0 else "still High",
+            timeout=10,
+            what="the gauge did not clear",
+        )
+
+        def resolved() -> str | None:
+            alerts = [
+                a
+                for a in prometheus.alerts()
+                if a["labels"].get("alertname") == ALERT and a["labels"].get("namespace") == ns
+            ]
+            return None if not alerts else repr(alerts)
+
+        eventually(resolved, timeout=20, what=f"{ALERT} did not resolve")
+    finally:
+        prometheus.stop()

@@ -382,7 +382,9 @@ class Prometheus:
         target: str,
         rule_files: Sequence[Path],
         history: Sequence[PendingSince] = (),
+        evaluation_interval: int = EVALUATION_INTERVAL,
     ) -> None:
+        self.evaluation_interval = evaluation_interval
         self.work_dir = work_dir
         self.target = target
         self.rule_files = list(rule_files)
@@ -437,7 +439,7 @@ class Prometheus:
         config = {
             "global": {
                 "scrape_interval": "1s",
-                "evaluation_interval": f"{self.EVALUATION_INTERVAL}s",
+                "evaluation_interval": f"{self.evaluation_interval}s",
             },
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [

@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from mirrorgate.webhook.adapters.kube import Kube, Watch
+from mirrorgate.webhook.adapters.kube import LIST_PAGE_SIZE, Kube, SyncKube, Watch
 
 MAX_PODS = 200_000
 _DIGEST = re.compile(r"@(sha256:[0-9a-f]{64})$")
+_SCHEME = re.compile(r"^[a-z-]+://")  # docker-pullable://
 _STATUSES = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
 _SPECS = ("initContainers", "containers", "ephemeralContainers")
 _ENDED = ("Succeeded", "Failed")
@@ -34,12 +35,13 @@ _ENDED = ("Succeeded", "Failed")
 PodKey = tuple[str, str]  # (namespace, name)
 
 
-def pod_digests(pod: Mapping[str, Any]) -> tuple[str, ...]:
-    """The image digests a pod runs or pins; () for a pod that ended."""
+def pod_refs(pod: Mapping[str, Any]) -> dict[str, str]:
+    """digest -> a reference to fetch it by (``repository@digest``), for every image digest a
+    pod runs or pins; {} for a pod that ended."""
     status = _dict(pod.get("status"))
     if status.get("phase") in _ENDED:
-        return ()
-    found: dict[str, None] = {}
+        return {}
+    found: dict[str, str] = {}
     for key in _STATUSES:
         for cs in _dicts(status.get(key)):
             _add(found, cs.get("imageID"))
@@ -47,7 +49,12 @@ def pod_digests(pod: Mapping[str, Any]) -> tuple[str, ...]:
     for key in _SPECS:
         for c in _dicts(spec.get(key)):
             _add(found, c.get("image"))
-    return tuple(found)
+    return found
+
+
+def pod_digests(pod: Mapping[str, Any]) -> tuple[str, ...]:
+    """The image digests a pod runs or pins; () for a pod that ended."""
+    return tuple(pod_refs(pod))
 
 
 def project(pod: dict[str, Any]) -> dict[str, Any]:
@@ -57,9 +64,10 @@ def project(pod: dict[str, Any]) -> dict[str, Any]:
         "metadata": {
             "namespace": meta.get("namespace"),
             "name": meta.get("name"),
+            "uid": meta.get("uid"),
             "resourceVersion": meta.get("resourceVersion"),
         },
-        "digests": pod_digests(pod),
+        "refs": pod_refs(pod),
     }
 
 
@@ -70,7 +78,12 @@ class RunningImages:
         self.kube = kube
         self.max_pods = max_pods
         self._pods: dict[PodKey, tuple[str, ...]] = {}
+        self._uids: dict[PodKey, str] = {}
         self._counts: dict[str, dict[str, int]] = {}
+        # digest -> a reference to fetch it by (the first pod's), for re-judging it
+        self._refs: dict[str, str] = {}
+        # Called with the digests that started running somewhere new (controllers.vulnerable).
+        self.on_new: Callable[[set[str]], None] | None = None
         self.untracked = 0
         self.synced = False
         self._watch: Watch | None = None
@@ -87,6 +100,15 @@ class RunningImages:
 
     def namespaces_running(self, digest: str) -> dict[str, int]:
         return dict(self._counts.get(digest, {}))
+
+    def digests(self) -> dict[str, str]:
+        """Every running digest -> a reference to fetch it by."""
+        return {d: self._refs.get(d, "") for d in self._counts}
+
+    def pods_by_digests(self) -> Iterator[tuple[PodKey, str, tuple[str, ...]]]:
+        """(namespace, name), uid and digests of every tracked pod."""
+        for key, digests in self._pods.items():
+            yield key, self._uids.get(key, ""), digests
 
     # --- the watch ------------------------------------------------------------------------------
 
@@ -111,20 +133,28 @@ class RunningImages:
             elif event.type == "DELETED":
                 self.forget(_key(event.obj))
             else:
-                self.update(_key(event.obj), event.obj.get("digests") or ())
+                self.update(_key(event.obj), event.obj.get("refs") or {}, uid=_uid(event.obj))
 
     # --- the index (also driven directly by tests) ----------------------------------------------
 
     def replace(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        self.synced = False
         self._pods.clear()
+        self._uids.clear()
         self._counts.clear()
+        self._refs.clear()
         self.untracked = 0
         for pod in pods:
-            self.update(_key(pod), pod.get("digests") or ())
+            self.update(_key(pod), pod.get("refs") or {}, uid=_uid(pod))
         self.synced = True
+        if self.on_new is not None:
+            self.on_new(set(self._counts))
 
-    def update(self, key: PodKey, digests: Iterable[str]) -> None:
-        new = tuple(sys.intern(d) for d in digests)
+    def update(
+        self, key: PodKey, refs: Iterable[str] | Mapping[str, str], *, uid: str = ""
+    ) -> None:
+        """Pod ``key`` now runs ``refs`` (digests, or digest -> reference)."""
+        new = tuple(sys.intern(d) for d in refs)
         old = self._pods.get(key)
         if old == new:
             return
@@ -136,13 +166,23 @@ class RunningImages:
         if old is not None:
             self._count(key[0], old, -1)
         if new:
+            fresh = {d for d in new if d not in self._counts}
+            if isinstance(refs, Mapping):
+                for d, ref in refs.items():
+                    self._refs.setdefault(d, ref)
             self._pods[(sys.intern(key[0]), key[1])] = new
+            if uid:
+                self._uids[key] = uid
             self._count(key[0], new, +1)
+            if fresh and self.synced and self.on_new is not None:
+                self.on_new(fresh)
         else:
             self._pods.pop(key, None)
+            self._uids.pop(key, None)
 
     def forget(self, key: PodKey) -> None:
         old = self._pods.pop(key, None)
+        self._uids.pop(key, None)
         if old is not None:
             self._count(key[0], old, -1)
 
@@ -156,11 +196,33 @@ class RunningImages:
                 per.pop(namespace, None)
                 if not per:
                     del self._counts[d]
+                    self._refs.pop(d, None)
+
+
+def snapshot(kube: SyncKube, *, max_pods: int = MAX_PODS) -> RunningImages:
+    """Every pod of the cluster, listed page by page and projected (``mirrorgate scan
+    --running``)."""
+    running = RunningImages(max_pods=max_pods)
+    pods: list[dict[str, Any]] = []
+    token = ""
+    while True:
+        query = {"limit": str(LIST_PAGE_SIZE), **({"continue": token} if token else {})}
+        page = kube.request("GET", "/api/v1/pods", query=query) or {}
+        pods.extend(project(p) for p in page.get("items") or [] if isinstance(p, dict))
+        token = (page.get("metadata") or {}).get("continue") or ""
+        if not token:
+            break
+    running.replace(pods)
+    return running
 
 
 def _key(obj: Mapping[str, Any]) -> PodKey:
     meta = obj.get("metadata") or {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+def _uid(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -171,6 +233,6 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-def _add(found: dict[str, None], ref: Any) -> None:
+def _add(found: dict[str, str], ref: Any) -> None:
     if isinstance(ref, str) and (m := _DIGEST.search(ref)):
-        found[m.group(1)] = None
+        found.setdefault(sys.intern(m.group(1)), _SCHEME.sub("", ref))

@@ -41,7 +41,8 @@ def base_rbac_rules(
 ) -> RBACRules:
     """What ``serve`` needs without pull-secret copies: namespace labels (scan modes), kubelet
     Events (pull failures), its own Events (and the pods they are about) when ``events`` is on,
-    every pod's images when ``running`` (``scan.running: warn``), and leader election."""
+    every pod's images when ``running`` (the gate: ``scan.running``, running verdicts), and leader
+    election."""
     return RBACRules(
         cluster=(_rule("", "namespaces", ("list", "watch")), *_event_rules(events, running)),
         namespaced=((own_namespace, _lease_rules(lease_name)),),

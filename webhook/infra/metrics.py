@@ -167,6 +167,16 @@ class Metrics:
             registry=r,
         )
         self.rejected_namespace = BoundedLabel()
+        self.running_pods = Gauge(
+            "mirrorgate_running_pods",
+            "Running pods (from the lease holder's watch) by namespace and the worst blocking "
+            "severity of their images: none (every image passes), unknown (an image not "
+            "scanned yet or Clair unreachable), else the severity; namespace is "
+            f"{OTHER!r} past {MAX_NAMESPACE_LABELS} namespaces.",
+            ["namespace", "worst_severity"],
+            registry=r,
+        )
+        self._running_namespace = BoundedLabel()
         self.scan_verdicts = Counter(
             "mirrorgate_scan_verdicts",
             "Image verdicts at admission, by outcome and worst blocking severity.",
@@ -243,6 +253,16 @@ class Metrics:
             registry=r,
         )
         build_info.labels(version=__version__).set(1)
+
+    def set_running_pods(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace every ``mirrorgate_running_pods`` series with ``counts``."""
+        merged: dict[tuple[str, str], int] = {}
+        for (namespace, severity), n in counts.items():
+            key = (self._running_namespace(namespace), severity)
+            merged[key] = merged.get(key, 0) + n
+        self.running_pods.clear()
+        for (namespace, severity), n in merged.items():
+            self.running_pods.labels(namespace, severity).set(n)
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, kept: ``labels()`` checks, converts and takes a lock on

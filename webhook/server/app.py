@@ -33,6 +33,7 @@ from mirrorgate.webhook.server.http import server_options
 from mirrorgate.webhook.server.listener import STATUS, ServeStatus, track_requests
 from mirrorgate.webhook.server.state import (
     EVENTS,
+    LEADER,
     METRICS,
     NAMESPACE_LABELS,
     PULL_SECRETS,
@@ -139,6 +140,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     elector = LeaderElector(
         kube, namespace=settings.own_namespace, settings=settings.election, on_change=leadership
     )
+    app[LEADER] = elector
     if sync is not None:
         await sync.start()
         app[PULL_SECRETS] = sync
@@ -148,8 +150,8 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         labels.start()
         app[NAMESPACE_LABELS] = labels.get
     elector.start()
-    if config.scan is not None and config.scan.running == "warn":
-        # Which digests already run where (scan.running): one watch on pods, projected.
+    if config.scan is not None:
+        # Which digests run where (scan.running, services.vulnerable): one watch on pods.
         app[RUNNING] = RunningImages(kube).start()
     if config.events:
         app[EVENTS] = EventRecorder(

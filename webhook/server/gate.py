@@ -40,6 +40,7 @@ from mirrorgate.webhook.server.http import (
 )
 from mirrorgate.webhook.server.state import (
     EVENTS,
+    LEADER,
     NAMESPACE_LABELS,
     REGISTRY,
     RUNNING,
@@ -47,6 +48,7 @@ from mirrorgate.webhook.server.state import (
     NamespaceLabelsLookup,
 )
 from mirrorgate.webhook.services.scanner import Scanner
+from mirrorgate.webhook.services.vulnerable import RunningVerdicts
 
 log = get_logger("gate")
 SCAN_MODE_LABEL = "mirrorgate.io/scan-mode"
@@ -70,7 +72,11 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_name
         )
         scanner.start()
         app[SCANNER] = scanner
+        view = _running_view(app, scanner, config, metrics)
         yield
+        if view is not None:
+            await view.stop()
+            metrics.set_running_pods({})
         await scanner.close()
         await clair.close()
 
@@ -79,6 +85,34 @@ def add_gate(app: web.Application, config: Config, metrics: Metrics, *, own_name
     app.router.add_post("/validate", admission_endpoint("validate", gate.validate))
     app.router.add_post("/events/clair", gate.clair_event)
     app.router.add_post("/events/registry", gate.registry_event)
+
+
+def _running_view(
+    app: web.Application, scanner: Scanner, config: Config, metrics: Metrics
+) -> RunningVerdicts | None:
+    """The continuous view of running images (services.vulnerable), fed by the pod watch."""
+    running = app.get(RUNNING)
+    if running is None or config.scan is None:
+        return None
+    events = app.get(EVENTS)
+
+    def leading() -> bool:
+        elector = app.get(LEADER)
+        return elector is None or elector.is_leader
+
+    view = RunningVerdicts(
+        running,
+        scanner,
+        config.scan,
+        set_gauge=metrics.set_running_pods,
+        record=events.record if events is not None else None,
+        is_leader=leading,
+        interval=min(60.0, config.scan.verdict_ttl),
+        clair_url=config.scan.clair.url,
+    )
+    scanner.on_notified = view.notified
+    running.on_new = view.started
+    return view.start()
 
 
 class _Gate:

@@ -10,7 +10,7 @@ from aiohttp import web
 from mirrorgate.webhook.adapters.registry import RegistryClient
 from mirrorgate.webhook.controllers.certs import CertRenewal
 from mirrorgate.webhook.controllers.events import EventRecorder
-from mirrorgate.webhook.controllers.leader import ElectionSettings
+from mirrorgate.webhook.controllers.leader import ElectionSettings, LeaderElector
 from mirrorgate.webhook.controllers.pullsecrets import PullSecretSync
 from mirrorgate.webhook.controllers.running import RunningImages
 from mirrorgate.webhook.core.config import DEFAULT_OWN_NAMESPACE, Config
@@ -46,5 +46,6 @@ VERIFIER = web.AppKey("verifier", MirrorVerifier)
 PULL_SECRETS = web.AppKey("pull_secrets", PullSecretSync)
 EVENTS = web.AppKey("events", EventRecorder)
 RUNNING = web.AppKey("running", RunningImages)
+LEADER = web.AppKey("leader", LeaderElector)
 SCANNER = web.AppKey("scanner", Scanner)
 NAMESPACE_LABELS: web.AppKey[NamespaceLabelsLookup] = web.AppKey("namespace_labels")

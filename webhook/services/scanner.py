@@ -77,6 +77,8 @@ class Scanner:
         self._on_index = on_index
         self._on_queue = on_queue
         self.index_requests = 0
+        # Called with the manifest digests of each processed Clair notification.
+        self.on_notified: Callable[[set[str]], None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -385,6 +387,8 @@ class Scanner:
                 if not next_id:
                     break
             dropped = sum(self.invalidate(d) for d in digests)
+            if self.on_notified is not None and digests:
+                self.on_notified(digests)  # re-judge what runs (services.vulnerable)
             await self.clair.delete_notification(callback)
         except ClairError as err:
             # Not acknowledged: Clair delivers it again, and it is processed again then.
