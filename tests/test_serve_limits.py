@@ -12,6 +12,7 @@ import resource
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,22 @@ CONFIG = 'mirrors: [{upstream: docker.io, mirror: "127.0.0.1:31000", verify: fal
 class Served:
     def __init__(self, proc: subprocess.Popen[str], port: int, ctx: ssl.SSLContext) -> None:
         self.proc, self.port, self.ctx = proc, port, ctx
+        # Drained as it is written: a full pipe (64 KiB of log lines) would block serve's
+        # event loop in write(2) and look like a hang of serve itself.
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._lines.append(line)
+
+    def stderr(self) -> str:
+        """Everything serve wrote to stderr; after it exited, all of it."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=10)
+        return "".join(self._lines)
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ctx)
@@ -106,7 +123,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
                     return served
             except OSError:
                 pass
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, served.stderr()
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(0.1)
 
@@ -150,7 +167,7 @@ def test_idle_connections_past_the_open_file_limit_never_lock_out_the_api_server
     assert opened >= 128  # the attack really reached the cap (256 - 128 reserved)
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=20) == 0
-    log = [json.loads(line) for line in served.proc.stderr.read().splitlines() if line.strip()]
+    log = [json.loads(line) for line in served.stderr().splitlines() if line.strip()]
     assert any(line["msg"] == "connection cap lowered to fit the open-file limit" for line in log)
 
 
@@ -232,6 +249,6 @@ def test_sigterm_under_load_drains_with_readiness_off_and_loses_no_request(serve
     assert served.proc.wait(timeout=30) == 0
     assert len(ready) >= 3 and set(ready) == {503}
     assert set(statuses) == {200}
-    log = [json.loads(line) for line in served.proc.stderr.read().splitlines() if line.strip()]
+    log = [json.loads(line) for line in served.stderr().splitlines() if line.strip()]
     messages = [line["msg"] for line in log]
     assert messages.index("draining: readiness fails, still serving") < messages.index("stopped")
