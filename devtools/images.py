@@ -29,6 +29,7 @@ import io
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
@@ -389,6 +390,17 @@ def _libc_version() -> str:
     return " ".join(platform.libc_ver())
 
 
+def _app_layer(busybox: Path, line: str) -> tuple[list[_Entry], dict[str, Any]]:
+    """busybox with its applets, printing `line` and sleeping until TERM (_APP_SCRIPT)."""
+    entries = [_file("/bin/busybox", source=busybox), *_applet_links(busybox), _dir("/tmp", 0o1777)]
+    config = {
+        "Env": ["PATH=/bin", f"APP_LINE={line}"],
+        "Cmd": ["/bin/sh", "-c", _APP_SCRIPT],
+        "WorkingDir": "/",
+    }
+    return entries, config
+
+
 def app_image(
     *, line: str = APP_LINE, reference: str = APP_IMAGE, cache: Path | None = None
 ) -> OciImage:
@@ -396,22 +408,34 @@ def app_image(
     busybox = _busybox()
 
     def build() -> tuple[Sequence[_Entry], Mapping[str, Any]]:
-        entries = [
-            _file("/bin/busybox", source=busybox),
-            *_applet_links(busybox),
-            _dir("/tmp", 0o1777),
-        ]
-        config = {
-            "Env": ["PATH=/bin", f"APP_LINE={line}"],
-            "Cmd": ["/bin/sh", "-c", _APP_SCRIPT],
-            "WorkingDir": "/",
-        }
-        return entries, config
+        return _app_layer(busybox, line)
 
     return _cached_image(
         "app",
         reference=reference,
         key_parts=[line, _APP_SCRIPT, _hash_file(busybox)],
+        build=build,
+        cache=cache,
+    )
+
+
+def payload_image(*, megabytes: int, reference: str, cache: Path | None = None) -> OciImage:
+    """The app image (prints `mirrorgate payload <N> MB`) plus `megabytes` of incompressible
+    bytes in /payload.bin (seeded, so the same size always gives the same digest): what a
+    pull of an image of that size costs (the pod-start bench)."""
+    busybox = _busybox()
+    line = f"mirrorgate payload {megabytes} MB"
+
+    def build() -> tuple[Sequence[_Entry], Mapping[str, Any]]:
+        seeded = random.Random(f"mirrorgate-payload-{megabytes}")
+        payload = b"".join(seeded.randbytes(1 << 20) for _ in range(megabytes))
+        entries, config = _app_layer(busybox, line)
+        return [*entries, _file("/payload.bin", data=payload, mode=0o644)], config
+
+    return _cached_image(
+        f"payload-{megabytes}m",
+        reference=reference,
+        key_parts=[line, _APP_SCRIPT, _hash_file(busybox), str(megabytes), "1 MiB chunks"],
         build=build,
         cache=cache,
     )

@@ -197,14 +197,27 @@ class ClusterRegistry:
         return kubectl.run("logs", "-n", self.namespace, "deploy/registry").stdout
 
 
-def _registry_manifests(namespace: str, image: str, htpasswd: str) -> list[dict[str, Any]]:
+def registry_manifests(
+    namespace: str, image: str, *, htpasswd: str | None = None, proxy: str | None = None
+) -> list[dict[str, Any]]:
+    """A registry Deployment (the locally built image, emptyDir storage) and its NodePort
+    Service; with `htpasswd` its Secret and basic auth, with `proxy` a pull-through cache of
+    that upstream URL."""
     labels = {"app": "registry"}
-    env = {
-        "REGISTRY_AUTH": "htpasswd",
-        "REGISTRY_AUTH_HTPASSWD_REALM": "node-e2e",
-        "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/htpasswd",
-        "REGISTRY_HTTP_SECRET": secrets.token_hex(16),
-    }
+    env = {"REGISTRY_HTTP_SECRET": secrets.token_hex(16)}
+    if htpasswd is not None:
+        env |= {
+            "REGISTRY_AUTH": "htpasswd",
+            "REGISTRY_AUTH_HTPASSWD_REALM": "node-e2e",
+            "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/htpasswd",
+        }
+    if proxy is not None:
+        env["REGISTRY_PROXY_REMOTEURL"] = proxy
+    mounts = [{"name": "data", "mountPath": "/var/lib/registry"}]
+    volumes: list[dict[str, Any]] = [{"name": "data", "emptyDir": {}}]
+    if htpasswd is not None:
+        mounts.append({"name": "auth", "mountPath": "/auth", "readOnly": True})
+        volumes.append({"name": "auth", "secret": {"secretName": "registry-htpasswd"}})
     container = {
         "name": "registry",
         # Imported into the node's containerd: no registry serves it.
@@ -213,18 +226,16 @@ def _registry_manifests(namespace: str, image: str, htpasswd: str) -> list[dict[
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "ports": [{"containerPort": REGISTRY_PORT}],
         "readinessProbe": {"tcpSocket": {"port": REGISTRY_PORT}, "periodSeconds": 1},
-        "volumeMounts": [
-            {"name": "auth", "mountPath": "/auth", "readOnly": True},
-            {"name": "data", "mountPath": "/var/lib/registry"},
-        ],
+        "volumeMounts": mounts,
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "registry-htpasswd", "namespace": namespace},
+        "stringData": {"htpasswd": htpasswd},
     }
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "registry-htpasswd", "namespace": namespace},
-            "stringData": {"htpasswd": htpasswd},
-        },
+        *([secret] if htpasswd is not None else []),
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -240,10 +251,7 @@ def _registry_manifests(namespace: str, image: str, htpasswd: str) -> list[dict[
                         # config override, and a Service named registry makes several.
                         "enableServiceLinks": False,
                         "containers": [container],
-                        "volumes": [
-                            {"name": "auth", "secret": {"secretName": "registry-htpasswd"}},
-                            {"name": "data", "emptyDir": {}},
-                        ],
+                        "volumes": volumes,
                     },
                 },
             },
@@ -278,7 +286,7 @@ def start_cluster_registry(
     `127.0.0.1:<nodePort>`; a random password (bcrypt cost 4: about 1 ms per request)."""
     password = secrets.token_urlsafe(18)
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
-    apply(kubectl, *_registry_manifests(namespace, image, f"{username}:{hashed}\n"))
+    apply(kubectl, *registry_manifests(namespace, image, htpasswd=f"{username}:{hashed}\n"))
     kubectl.run(
         "rollout",
         "status",
