@@ -171,8 +171,9 @@ def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness
 
 # A Clair v4 stand-in (tests/clair_standin.py): Clair's real HTTP API (PSK auth, index, reports,
 # notifier pages) on 127.0.0.1, trusting the registry CA to fetch layers. One per test: fresh state.
-import base64  # noqa: E402 - appended section, kept apart from the fixtures above
+import base64  # noqa: E402
 import secrets  # noqa: E402
+import socket  # noqa: E402 - appended section, kept apart from the fixtures above
 
 from tests.helpers.clair_standin import ClairStandIn  # noqa: E402
 
@@ -189,3 +190,15 @@ def clair(registry_pki: RegistryPKI) -> Iterator[ClairStandIn]:
     )
     with standin:
         yield standin
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung registry)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

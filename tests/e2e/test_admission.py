@@ -12,7 +12,6 @@ import itertools
 import json
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +24,7 @@ from mirrorgate.deploy.webhooks import mutating_webhook_configuration
 from mirrorgate.devtools.demo import LocalWebhook
 from mirrorgate.devtools.localcluster import ControlPlane
 from tests.helpers.kubehttp import KubeHTTP, Reply
+from tests.helpers.waiting import wait_for
 
 OPT_IN = "mirrorgate.io/enabled"
 MIRROR = "127.0.0.1:31000"
@@ -56,13 +56,6 @@ def images(stored: dict[str, Any], field: str = "containers") -> list[str]:
 
 def originals(stored: dict[str, Any]) -> dict[str, str]:
     return json.loads(stored["metadata"]["annotations"]["mirrorgate.io/original-images"])
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def register(kapi: KubeHTTP, body: dict[str, Any]) -> None:

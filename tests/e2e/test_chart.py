@@ -19,14 +19,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,33 +51,12 @@ from tests.helpers.node import (
     start_node,
     wait_ready,
 )
+from tests.helpers.waiting import node_ports, wait_for
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "chart" / "mirrorgate"
 HOOKS = "/apis/admissionregistration.k8s.io/v1"
 
 helm_python.disable_logging()
-
-
-def node_ports(count: int) -> list[int]:
-    """Free loopback ports in the NodePort range (the registries are reached on 127.0.0.1)."""
-    found: list[int] = []
-    while len(found) < count:
-        port = random.randint(30000, 32767)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in found:
-            found.append(port)
-    return found
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def values(suffix: str, ports: list[int], **deploy: Any) -> dict[str, Any]:

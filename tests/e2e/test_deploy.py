@@ -21,7 +21,6 @@ import asyncio
 import base64
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -31,7 +30,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from tests.helpers.registries import (
     sha256_digest,
     skopeo_inspect_raw,
 )
+from tests.helpers.waiting import node_ports, wait_for
 
 OPT_IN = "mirrorgate.io/enabled"
 MANAGED = "app.kubernetes.io/managed-by=mirrorgate"
@@ -71,29 +71,6 @@ def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     if check:
         assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
     return result
-
-
-def node_ports(count: int) -> list[int]:
-    """Free loopback ports in the API server's NodePort range: a node reaches a NodePort on
-    127.0.0.1, so the registries run exactly where the rewritten references point."""
-    found: list[int] = []
-    while len(found) < count:
-        port = random.randint(30000, 32767)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in found:
-            found.append(port)
-    return found
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def pod(name: str, image: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,18 +209,6 @@ async def test_an_image_the_mirror_serves_is_rewritten_and_one_it_lacks_falls_ba
         {"upstream": token_registry.host, "reason": "not_found"},
     )
     assert fallback == 1
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a hung registry)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def closed_port() -> int:

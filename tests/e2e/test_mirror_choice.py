@@ -9,7 +9,6 @@ counters Prometheus scrapes, what lands on each registry.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,18 +39,6 @@ def second(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HarnessRegistry
         yield registry
     finally:
         registry.stop()
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never answers (a hung mirror)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def two_mirrors(first: str, second: str, extra: str = "") -> str:
@@ -148,12 +135,12 @@ async def test_a_stopped_first_mirror_sends_new_pods_to_the_second(
 
 
 async def test_a_hung_first_mirror_costs_at_most_the_budget_then_is_skipped_unasked(
-    aiohttp_client, plain_registry, silent_port
+    aiohttp_client, plain_registry, silent_server
 ):
     """The first mirror accepts and never answers. The second is asked a quarter of the budget
     in (the hedge) and answers at once; the first's request gives up at registryClient.timeout
     and, from then on for negativeTTL, new images skip it without waiting."""
-    hung = f"127.0.0.1:{silent_port}"
+    hung = f"127.0.0.1:{silent_server}"
     for name in ("web", "api"):
         push_image(plain_registry, f"library/{name}", "1")
     config = parse_config(
@@ -183,9 +170,9 @@ async def test_a_hung_first_mirror_costs_at_most_the_budget_then_is_skipped_unas
 
 
 async def test_a_first_mirror_still_silent_at_the_deadline_loses_to_the_second(
-    aiohttp_client, plain_registry, silent_port
+    aiohttp_client, plain_registry, silent_server
 ):
-    hung = f"127.0.0.1:{silent_port}"
+    hung = f"127.0.0.1:{silent_server}"
     push_image(plain_registry, "library/late", "1")
     config = parse_config(
         two_mirrors(
